@@ -1,0 +1,43 @@
+"""Optional GPU kernels (Triton). Imported lazily: the package works without Triton or CUDA.
+
+Each ``*_dispatch()`` returns the fast function, or ``None`` when it cannot run here; the first failure is
+reported once with a one-line notice and the caller falls back to the pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+
+log = logging.getLogger("turbowan")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(module: str, attr: str):
+    try:
+        mod = importlib.import_module(f".{module}", __name__)
+        fn = getattr(mod, attr)
+        ok = getattr(mod, "available", lambda: True)()
+    except Exception as exc:  # ImportError for triton, or a kernel module not present yet
+        log.warning("turbowan: %s unavailable (%s: %s); using the PyTorch path", module, type(exc).__name__, exc)
+        return None
+    if not ok:
+        log.warning("turbowan: %s unavailable on this machine; using the PyTorch path", module)
+        return None
+    return fn
+
+
+def int8_dispatch():
+    """Fused W8A8 linear ``f(x, int8_weight, scale, bias) -> y`` for CUDA tensors, or None."""
+    return _load("int8_triton", "w8a8_linear")
+
+
+def sla_dispatch():
+    """Triton SLA ``f(q, k, v, proj_l_weight, proj_l_bias, topk) -> out`` for CUDA tensors, or None."""
+    return _load("sla_triton", "sla_attention_triton")
+
+
+def sagesla_dispatch():
+    """Our Triton SageSLA (int8 Q/K), same signature as the SLA one, or None."""
+    return _load("sagesla_triton", "sagesla_attention_triton")

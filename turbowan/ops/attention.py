@@ -1,0 +1,91 @@
+"""The single attention dispatch used by the DiT.
+
+Kinds (the loader's ``attention_type``):
+  * ``"original"`` - dense scaled-dot-product attention (cuDNN / flash on GPU when available).
+  * ``"sla"``      - sparse-linear attention with the reference semantics (`turbowan.ops.sla`); on CUDA the
+                     Triton kernel runs it, elsewhere the pure-PyTorch implementation.
+  * ``"sagesla"``  - SLA with int8 Q/K: our Triton kernel on CUDA; SpargeAttn's when the user installed it and
+                     asked for it (``"sagesla-spargeattn"``); otherwise a one-line notice and the ``"sla"`` path.
+
+All take q, k, v as [B, L, H, D] and return [B, L, H, D].
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import sagesla_dispatch, sla_dispatch
+
+log = logging.getLogger("turbowan")
+
+ATTENTION_KINDS = ("sla", "sagesla", "original")
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_backends():
+    """SDPA backends in preference order (cuDNN first on Hopper, then flash, then the rest)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    except ImportError:  # older torch
+        return None
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain softmax attention, scale D**-0.5, no mask. [B, L, H, D] in and out."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    backends = _dense_backends() if q.is_cuda else None
+    if backends is not None:
+        from torch.nn.attention import sdpa_kernel
+
+        try:
+            with sdpa_kernel(backends, set_priority=True):
+                out = F.scaled_dot_product_attention(qt, kt, vt)
+        except TypeError:  # torch without set_priority
+            with sdpa_kernel(backends):
+                out = F.scaled_dot_product_attention(qt, kt, vt)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt)
+    return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _notice_once(message: str) -> None:
+    log.warning(message)
+
+
+def self_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    proj_l: torch.nn.Linear | None = None,
+    topk: float = 0.1,
+) -> torch.Tensor:
+    """Self-attention of one DiT block through the configured kind. [B, L, H, D] in and out."""
+    if kind == "original":
+        return dense_attention(q, k, v)
+    if kind not in ("sla", "sagesla"):
+        raise ValueError(f"unknown attention type {kind!r}; choose one of {ATTENTION_KINDS}")
+    if proj_l is None:
+        raise ValueError(f"attention_type {kind!r} needs the SLA proj_l weights, which this model does not have")
+    w, b = proj_l.weight, proj_l.bias
+    if q.is_cuda:
+        if kind == "sagesla":
+            fast = sagesla_dispatch()
+            if fast is not None:
+                return fast(q, k, v, w, b, topk)
+            _notice_once("turbowan: sagesla kernel unavailable here; running sla instead")
+        fast = sla_dispatch()
+        if fast is not None:
+            return fast(q, k, v, w, b, topk)
+    elif kind == "sagesla":
+        _notice_once("turbowan: sagesla needs a CUDA GPU; running the equivalent sla path on CPU")
+    from .sla import sla_attention
+
+    return sla_attention(q, k, v, w, b, topk)

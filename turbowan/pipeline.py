@@ -1,0 +1,305 @@
+"""Image + text embedding -> video frames: the whole TurboWan2.2 I2V job, without ComfyUI.
+
+Steps (as thu-ml/TurboDiffusion's wan2.2_i2v_infer.py):
+  1. pick the size: a preset (resolution x aspect ratio), or the preset's area at the image's aspect ratio
+     (``adaptive_resolution``), or explicit width/height; all multiples of 16;
+  2. stretch-resize the image (antialiased bilinear), scale to [-1, 1];
+  3. VAE-encode [image, F-1 black frames] -> image latents; y = [mask (4 ch, 1 on latent frame 0), latents];
+  4. rCM sampling with the high- then the low-noise expert (`turbowan.sampler`);
+  5. VAE-decode -> frames [num_samples, F, H, W, 3] float32 in [0, 1].
+
+Memory: the models stay where the loaders put them (normally the CPU) and are moved to the compute device
+one at a time; ``before_load(nbytes, device)`` is called first so a host application (ComfyUI) can free
+memory, and every model is moved back in a ``finally`` block, also when the run is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .progress import ProgressHook
+from .sampler import initial_noise, sample_rcm
+
+log = logging.getLogger("turbowan")
+
+# (width, height) per resolution and aspect ratio: the reference's table (rcm/datasets/utils.py)
+RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
+    "480": {"16:9": (768, 432), "9:16": (432, 768), "4:3": (640, 480), "3:4": (480, 640), "1:1": (480, 480)},
+    "480p": {"16:9": (832, 480), "9:16": (480, 832), "4:3": (640, 480), "3:4": (480, 640), "1:1": (640, 640)},
+    "512": {"16:9": (640, 384), "9:16": (384, 640), "4:3": (640, 512), "3:4": (512, 640), "1:1": (512, 512)},
+    "720": {"16:9": (1280, 704), "9:16": (704, 1280), "4:3": (960, 704), "3:4": (704, 960), "1:1": (960, 960)},
+    "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "4:3": (960, 720), "3:4": (720, 960), "1:1": (960, 960)},
+}
+ASPECT_RATIOS = ("16:9", "9:16", "4:3", "3:4", "1:1")
+SIZE_MULTIPLE = 16  # VAE stride 8 x patch 2
+TEXT_TOKENS = 512
+TEXT_WIDTH = 4096
+
+
+def check_num_frames(num_frames: int) -> None:
+    """Frame counts must be 4n+1 (the VAE packs 4 frames per latent after the first)."""
+    if num_frames < 1 or (num_frames - 1) % 4:
+        lower = max(1, (num_frames - 1) // 4 * 4 + 1)
+        upper = lower + 4
+        raise ValueError(
+            f"num_frames must be 4n+1 (the video VAE compresses time by 4 after the first frame); "
+            f"{num_frames} is not: use {lower} or {upper}"
+        )
+
+
+def target_size(
+    image_wh: tuple[int, int],
+    resolution: str = "720p",
+    aspect_ratio: str = "16:9",
+    adaptive: bool = False,
+    width: Optional[int] = None,
+    height: Optional[int] = None,
+) -> tuple[int, int]:
+    """Output (width, height). Explicit width/height win; else the preset, or its area at the image's aspect."""
+    if width is not None or height is not None:
+        if width is None or height is None:
+            raise ValueError("give both width and height, or neither")
+        if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE or width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive multiples of {SIZE_MULTIPLE}, got {width}x{height}")
+        return width, height
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {list(RESOLUTIONS)}, got {resolution!r}")
+    if aspect_ratio not in RESOLUTIONS[resolution]:
+        raise ValueError(f"aspect_ratio must be one of {list(ASPECT_RATIOS)}, got {aspect_ratio!r}")
+    w, h = RESOLUTIONS[resolution][aspect_ratio]
+    if not adaptive:
+        return w, h
+    # same area as the preset, at the image's aspect ratio, rounded to the latent-patch grid (reference formula)
+    area = w * h
+    iw, ih = image_wh
+    aspect = ih / iw
+    lat_h = round(math.sqrt(area * aspect) / SIZE_MULTIPLE)
+    lat_w = round(math.sqrt(area / aspect) / SIZE_MULTIPLE)
+    return max(1, lat_w) * SIZE_MULTIPLE, max(1, lat_h) * SIZE_MULTIPLE
+
+
+def image_to_tensor(image) -> tuple[torch.Tensor, bool]:
+    """PIL image / array / ComfyUI IMAGE -> ([3, H, W] tensor, is_uint8). RGBA and grayscale become RGB."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("RGB"))  # drops alpha like the reference's .convert("RGB")
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), True
+    t = torch.as_tensor(image)
+    if t.ndim == 4:
+        if t.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of {t.shape[0]}; pass one frame (e.g. image[0:1])")
+        t = t[0]
+    if t.ndim == 2:
+        t = t[..., None]
+    if t.ndim != 3:
+        raise ValueError(f"image must be [H, W, C] or [1, H, W, C], got shape {tuple(t.shape)}")
+    if t.shape[-1] not in (1, 3, 4) and t.shape[0] in (1, 3, 4):
+        t = t.permute(1, 2, 0)  # CHW -> HWC
+    c = t.shape[-1]
+    if c == 1:
+        t = t.expand(*t.shape[:2], 3)
+    elif c == 4:
+        t = t[..., :3]
+    elif c != 3:
+        raise ValueError(f"image must have 1, 3 or 4 channels, got {c}")
+    is_uint8 = t.dtype == torch.uint8
+    t = t.permute(2, 0, 1).contiguous()
+    if not is_uint8:
+        t = t.float().clamp(0, 1)
+    return t, is_uint8
+
+
+def preprocess_image(image, width: int, height: int) -> torch.Tensor:
+    """-> [1, 3, height, width] float32 in [-1, 1]: antialiased bilinear stretch, as the reference's transforms.
+
+    8-bit images are resized on 0..255 values and rounded back to 8 bit before scaling, like torchvision's
+    uint8 path; float images (ComfyUI) are resized in float without that rounding.
+    """
+    t, is_uint8 = image_to_tensor(image)
+    x = t[None].float()
+    if tuple(x.shape[-2:]) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    if is_uint8:
+        x = x.round().clamp(0, 255) / 255.0
+    return (x - 0.5) / 0.5
+
+
+def prepare_text_embedding(text_embedding: torch.Tensor) -> torch.Tensor:
+    """[L, 4096] or [1, L, 4096] -> [1, 512, 4096]: padded with zero rows or cut, like the umT5 encoder output."""
+    e = torch.as_tensor(text_embedding)
+    if e.ndim == 2:
+        e = e[None]
+    if e.ndim != 3:
+        raise ValueError(f"text embedding must be [1, L, {TEXT_WIDTH}], got shape {tuple(e.shape)}")
+    if e.shape[-1] != TEXT_WIDTH:
+        raise ValueError(
+            f"text embedding is {e.shape[-1]} wide, but these models need the {TEXT_WIDTH}-wide umT5-xxl encoder "
+            f"(in ComfyUI: CLIPLoader with type 'wan' and umt5_xxl / nsfw_wan_umt5-xxl)"
+        )
+    if e.shape[0] != 1:
+        raise ValueError(f"expected one prompt's embedding, got a batch of {e.shape[0]}")
+    L = e.shape[1]
+    if L >= TEXT_TOKENS:
+        return e[:, :TEXT_TOKENS]
+    return F.pad(e, (0, 0, 0, TEXT_TOKENS - L))
+
+
+def _module_bytes(m) -> int:
+    if hasattr(m, "nbytes"):
+        return int(m.nbytes)
+    mod = getattr(m, "model", m)
+    return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers()))
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Placement:
+    """Moves models onto the compute device one at a time and back to where they came from."""
+
+    def __init__(self, device: torch.device, before_load: Optional[Callable[[int, torch.device], None]]):
+        self.device = device
+        self.before_load = before_load
+        self.home: dict[int, tuple[object, torch.device]] = {}
+        self.active: list[object] = []
+
+    def load(self, model) -> None:
+        if model.device == self.device:
+            if id(model) not in self.home:
+                self.home[id(model)] = (model, model.device)
+            return
+        self.home.setdefault(id(model), (model, model.device))
+        if self.before_load is not None and self.device.type != "cpu":
+            self.before_load(_module_bytes(model), self.device)
+        model.to(self.device)
+        self.active.append(model)
+
+    def unload(self, model) -> None:
+        entry = self.home.get(id(model))
+        if entry is not None and model in self.active:
+            model.to(entry[1])
+            self.active.remove(model)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def unload_all(self) -> None:
+        for m in list(self.active):
+            self.unload(m)
+
+
+def check_expert_slots(high, low) -> None:
+    """Refuse an obviously swapped pair (file names say high/low) with a one-sentence fix."""
+    def role(m):
+        name = str(getattr(m, "source", "")).replace("\\", "/").rsplit("/", 1)[-1].lower()
+        has_high, has_low = "high" in name, "low" in name
+        return "high" if has_high and not has_low else "low" if has_low and not has_high else None
+
+    if role(high) == "low" and role(low) == "high":
+        raise ValueError(
+            "the high- and low-noise experts are swapped (the high slot got a '-low' file); exchange the two files"
+        )
+
+
+def generate_i2v(
+    high,
+    low,
+    vae,
+    image,
+    text_embedding: torch.Tensor,
+    *,
+    num_frames: int = 81,
+    num_steps: int = 4,
+    resolution: str = "720p",
+    aspect_ratio: str = "16:9",
+    adaptive_resolution: bool = False,
+    width: Optional[int] = None,
+    height: Optional[int] = None,
+    boundary: float = 0.9,
+    sigma_max: float = 200.0,
+    seed: int = 0,
+    ode: bool = False,
+    num_samples: int = 1,
+    progress: Optional[ProgressHook] = None,
+    device=None,
+    before_load: Optional[Callable[[int, torch.device], None]] = None,
+) -> torch.Tensor:
+    """Generate ``num_samples`` videos from one image and one prompt embedding.
+
+    Returns frames [num_samples, num_frames, H, W, 3] float32 in [0, 1] on the CPU.
+    ``image``: PIL image, or [H, W, 3] / [1, H, W, 3] float in [0, 1] (ComfyUI IMAGE).
+    ``text_embedding``: [1, L, 4096] umT5-xxl output (padded or cut to 512 rows).
+    ``progress(stage, done, total)`` is called after each VAE chunk and each sampling step; raising from it
+    cancels the run (models are moved back all the same).
+    """
+    check_num_frames(num_frames)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    if not 0.0 <= boundary <= 1.0:
+        raise ValueError(f"boundary is a flow time between 0 and 1 (0.9 recommended), got {boundary}")
+    check_expert_slots(high, low)
+    context = prepare_text_embedding(text_embedding)
+    device = torch.device(device) if device is not None else _default_device()
+    dtype = high.dtype
+    if low.dtype != dtype:
+        raise ValueError(f"the two experts were loaded with different dtypes ({high.dtype} and {low.dtype})")
+
+    img, _ = image_to_tensor(image)
+    w, h = target_size((img.shape[-1], img.shape[-2]), resolution, aspect_ratio, adaptive_resolution, width, height)
+    image_tensor = preprocess_image(image, w, h)  # [1, 3, h, w]
+    log.info("turbowan: %dx%d, %d frames, %d steps, seed %d", w, h, num_frames, num_steps, seed)
+
+    place = Placement(device, before_load)
+    try:
+        # 1. image latents
+        place.load(vae)
+        frames_in = torch.cat(
+            [image_tensor[:, :, None], torch.zeros(1, 3, num_frames - 1, h, w)], dim=2
+        ).to(device)
+        latents = vae.encode(frames_in, progress=progress)  # [1, 16, T, h/8, w/8]
+        del frames_in
+        place.unload(vae)
+        _, zc, T, lh, lw = latents.shape
+        mask = torch.zeros(1, 4, T, lh, lw, device=latents.device)
+        mask[:, :, 0] = 1.0
+        y = torch.cat([mask, latents.float()], dim=1).to(dtype).repeat(num_samples, 1, 1, 1, 1)
+
+        # 2. sampling
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        noise = initial_noise((num_samples, zc, T, lh, lw), generator)
+        experts = {"high": high, "low": low}
+
+        def select(name: str):
+            for other in experts.values():
+                if other is not experts[name]:
+                    place.unload(other)
+            place.load(experts[name])
+            return experts[name]
+
+        samples = sample_rcm(
+            select, noise, context.repeat(num_samples, 1, 1), y,
+            num_steps=num_steps, sigma_max=sigma_max, boundary=boundary, ode=ode,
+            generator=generator, dtype=dtype, device=device, progress=progress,
+        )
+        place.unload(high)
+        place.unload(low)
+
+        # 3. decode, one sample at a time (same result as a batch, less memory)
+        place.load(vae)
+        videos = []
+        for i in range(num_samples):
+            video = vae.decode(samples[i : i + 1], progress=progress)  # [1, 3, F, H, W] in [-1, 1]
+            videos.append(((video.float().clamp(-1, 1) + 1) / 2).cpu())
+        frames = torch.cat(videos).permute(0, 2, 3, 4, 1).contiguous()  # [S, F, H, W, 3]
+        return frames
+    finally:
+        place.unload_all()

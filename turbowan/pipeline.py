@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .progress import ProgressHook
+from .placement import Placement
 from .sampler import initial_noise, sample_rcm
 
 log = logging.getLogger("turbowan")
@@ -153,48 +154,8 @@ def prepare_text_embedding(text_embedding: torch.Tensor) -> torch.Tensor:
     return F.pad(e, (0, 0, 0, TEXT_TOKENS - L))
 
 
-def _module_bytes(m) -> int:
-    if hasattr(m, "nbytes"):
-        return int(m.nbytes)
-    mod = getattr(m, "model", m)
-    return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers()))
-
-
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class Placement:
-    """Moves models onto the compute device one at a time and back to where they came from."""
-
-    def __init__(self, device: torch.device, before_load: Optional[Callable[[int, torch.device], None]]):
-        self.device = device
-        self.before_load = before_load
-        self.home: dict[int, tuple[object, torch.device]] = {}
-        self.active: list[object] = []
-
-    def load(self, model) -> None:
-        if model.device == self.device:
-            if id(model) not in self.home:
-                self.home[id(model)] = (model, model.device)
-            return
-        self.home.setdefault(id(model), (model, model.device))
-        if self.before_load is not None and self.device.type != "cpu":
-            self.before_load(_module_bytes(model), self.device)
-        model.to(self.device)
-        self.active.append(model)
-
-    def unload(self, model) -> None:
-        entry = self.home.get(id(model))
-        if entry is not None and model in self.active:
-            model.to(entry[1])
-            self.active.remove(model)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def unload_all(self) -> None:
-        for m in list(self.active):
-            self.unload(m)
 
 
 def check_expert_slots(high, low) -> None:
@@ -261,7 +222,7 @@ def generate_i2v(
     place = Placement(device, before_load)
     try:
         # 1. image latents
-        place.load(vae)
+        place.load_vae(vae)
         frames_in = torch.cat(
             [image_tensor[:, :, None], torch.zeros(1, 3, num_frames - 1, h, w)], dim=2
         ).to(device)
@@ -277,12 +238,17 @@ def generate_i2v(
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = initial_noise((num_samples, zc, T, lh, lw), generator)
         experts = {"high": high, "low": low}
+        mode = place.resolve_mode(high, low, tokens=num_samples * T * (lh // 2) * (lw // 2))
+        if mode == "resident":
+            place.load_expert(high, mode)
+            place.load_expert(low, mode)
 
         def select(name: str):
-            for other in experts.values():
-                if other is not experts[name]:
-                    place.unload(other)
-            place.load(experts[name])
+            if mode != "resident":
+                for other in experts.values():
+                    if other is not experts[name]:
+                        place.unload(other)
+            place.load_expert(experts[name], mode)
             return experts[name]
 
         samples = sample_rcm(
@@ -294,12 +260,11 @@ def generate_i2v(
         place.unload(low)
 
         # 3. decode, one sample at a time (same result as a batch, less memory)
-        place.load(vae)
+        place.load_vae(vae)
         videos = []
         for i in range(num_samples):
             video = vae.decode(samples[i : i + 1], progress=progress)  # [1, 3, F, H, W] in [-1, 1]
             videos.append(((video.float().clamp(-1, 1) + 1) / 2).cpu())
-        frames = torch.cat(videos).permute(0, 2, 3, 4, 1).contiguous()  # [S, F, H, W, 3]
-        return frames
+        return torch.cat(videos).permute(0, 2, 3, 4, 1).contiguous()  # [S, F, H, W, 3]
     finally:
         place.unload_all()

@@ -201,6 +201,8 @@ class WanI2VDiT(nn.Module):
         self.head = Head(c)
         self.dtype = torch.float32  # compute dtype of the residual stream; set by the loader
         self.source = ""  # file the weights came from (for messages and slot checks)
+        self.execution_mode = "auto"  # see turbowan.placement
+        self.streamer = None  # a placement.BlockStreamer while blocks are streamed from host memory
 
     # -- configuration -------------------------------------------------------------------------------------
     def set_attention(self, kind: str, topk: float = 0.1) -> None:
@@ -242,8 +244,13 @@ class WanI2VDiT(nn.Module):
         ctx = self.text_embedding(context.to(dt))
         angles = rope_angles(c.head_dim, T, H, W, h.device)
         cos, sin = torch.cos(angles), torch.sin(angles)
-        for block in self.blocks:
+        streamer = self.streamer
+        for i, block in enumerate(self.blocks):
+            if streamer is not None:
+                streamer.enter(i)  # block i's weights onto the GPU, block i+1's copy started
             h = block(h, e0, cos, sin, ctx)
+            if streamer is not None:
+                streamer.leave(i)
         out = self.head(h, e)  # [B, L, kt*kh*kw*out] fp32
         # unpatchify in (kt kh kw c) order
         out = out.reshape(B, T, H, W, kt, kh, kw, c.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
@@ -266,6 +273,7 @@ def load_dit(
     quant: str = "w8a16",
     device=None,
     dtype: torch.dtype = torch.bfloat16,
+    mode: str = "auto",
 ) -> WanI2VDiT:
     """Load one TurboWan2.2 I2V expert for inference.
 
@@ -275,7 +283,10 @@ def load_dit(
     * ``device``: where the weights go; ``None`` keeps them on the CPU, to be placed on the GPU by the pipeline
       one expert at a time.
     * ``dtype``: compute dtype (bf16 like the reference; float32 for exact CPU checks).
+    * ``mode``: execution mode on CUDA: ``"auto"``, ``"resident"``, ``"swap"`` or ``"stream"`` (see
+      `turbowan.placement`).
     """
+    from ..placement import EXECUTION_MODES
     from ..checkpoint import ModelFileError, read_dit_checkpoint
     from ..ops.attention import ATTENTION_KINDS
 
@@ -283,6 +294,8 @@ def load_dit(
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"mode must be one of {EXECUTION_MODES}, got {mode!r}")
     if not 0.0 < sla_topk <= 1.0:
         raise ValueError(f"sla_topk must be in (0, 1], got {sla_topk}")
     ckpt = read_dit_checkpoint(path)
@@ -312,6 +325,7 @@ def load_dit(
         _quantize_block_linears(model, int8_mode)
     model.dtype = dtype
     model.source = str(path)
+    model.execution_mode = mode
     model.set_attention(attention, sla_topk)
     model.eval().requires_grad_(False)
     if device is not None:

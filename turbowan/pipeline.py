@@ -158,6 +158,24 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+STREAM_VAE_BUDGET = 4 * 1024**3  # bytes of VAE activations allowed when the experts are streamed
+
+
+def _vae_tile(vae, grid: tuple[int, int], mode: str, device: torch.device):
+    """VAE tiling for this run: none on CPU; 'auto' (from free memory) normally; in ``stream`` mode, the
+    largest tile whose estimated activations fit STREAM_VAE_BUDGET, so the whole run stays small."""
+    if device.type != "cuda" or not hasattr(vae, "estimate_memory"):
+        return None
+    if mode != "stream":
+        return "auto"
+    if vae.estimate_memory(grid) <= STREAM_VAE_BUDGET:
+        return None
+    side = max(grid)
+    while side > 8 and vae.estimate_memory((min(side, grid[0]), min(side, grid[1]))) > STREAM_VAE_BUDGET:
+        side -= 4
+    return (min(side, grid[0]), min(side, grid[1]))
+
+
 def check_expert_slots(high, low) -> None:
     """Refuse an obviously swapped pair (file names say high/low) with a one-sentence fix."""
     def role(m):
@@ -220,13 +238,16 @@ def generate_i2v(
     log.info("turbowan: %dx%d, %d frames, %d steps, seed %d", w, h, num_frames, num_steps, seed)
 
     place = Placement(device, before_load)
+    lat_t, lat_h, lat_w = 1 + (num_frames - 1) // 4, h // 8, w // 8
+    mode = place.resolve_mode(high, low, tokens=num_samples * lat_t * (lat_h // 2) * (lat_w // 2))
+    vae_tile = _vae_tile(vae, (lat_h, lat_w), mode, device)
     try:
         # 1. image latents
         place.load_vae(vae)
         frames_in = torch.cat(
             [image_tensor[:, :, None], torch.zeros(1, 3, num_frames - 1, h, w)], dim=2
         ).to(device)
-        latents = vae.encode(frames_in, progress=progress)  # [1, 16, T, h/8, w/8]
+        latents = vae.encode(frames_in, progress=progress, tile=vae_tile)  # [1, 16, T, h/8, w/8]
         del frames_in
         place.unload(vae)
         _, zc, T, lh, lw = latents.shape
@@ -238,7 +259,6 @@ def generate_i2v(
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = initial_noise((num_samples, zc, T, lh, lw), generator)
         experts = {"high": high, "low": low}
-        mode = place.resolve_mode(high, low, tokens=num_samples * T * (lh // 2) * (lw // 2))
         if mode == "resident":
             place.load_expert(high, mode)
             place.load_expert(low, mode)
@@ -263,7 +283,7 @@ def generate_i2v(
         place.load_vae(vae)
         videos = []
         for i in range(num_samples):
-            video = vae.decode(samples[i : i + 1], progress=progress)  # [1, 3, F, H, W] in [-1, 1]
+            video = vae.decode(samples[i : i + 1], progress=progress, tile=vae_tile)  # [1, 3, F, H, W] in [-1, 1]
             videos.append(((video.float().clamp(-1, 1) + 1) / 2).cpu())
         return torch.cat(videos).permute(0, 2, 3, 4, 1).contiguous()  # [S, F, H, W, 3]
     finally:

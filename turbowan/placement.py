@@ -186,9 +186,10 @@ class Placement:
         return mode
 
     def _host(self, module: nn.Module) -> HostWeights:
+        # Not pinned: an expert moves once per run (pinning 15-29 GB costs more than it saves); stream pins its blocks.
         hw = getattr(module, "_turbowan_host", None)
         if hw is None:
-            hw = HostWeights(module, pin=_should_pin(tensor_bytes(module)))
+            hw = HostWeights(module, pin=False)
             module._turbowan_host = hw
         return hw
 

@@ -1,0 +1,59 @@
+"""Where one A14B block's time goes at 720p (random bf16 weights): torch.profiler table of the top CUDA ops.
+
+    python bench/profile_step.py [--tokens 75600] [--attention sla]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from turbowan.checkpoint import DiTConfig  # noqa: E402
+from turbowan.models.dit import random_dit, rope_angles  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grid", default="21,45,80", help="latent T,H/2,W/2 token grid (720p 81 frames)")
+    ap.add_argument("--attention", default="sla")
+    ap.add_argument("--int8", default=None, choices=[None, "w8a16", "w8a8"])
+    args = ap.parse_args()
+    T, H, W = map(int, args.grid.split(","))
+    dev = torch.device("cuda")
+    cfg = DiTConfig(num_layers=2)
+    model = random_dit(cfg, device=dev, attention=args.attention, int8_mode=args.int8)
+    L = T * H * W
+    x = torch.randn(1, L, cfg.dim, device=dev, dtype=torch.bfloat16)
+    _, e0 = model._time_mlp(torch.tensor([900.0], device=dev))
+    ctx = model.text_embedding(torch.randn(1, 512, 4096, device=dev, dtype=torch.bfloat16) * 0.1)
+    ang = rope_angles(cfg.head_dim, T, H, W, dev)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    block = model.blocks[0]
+    with torch.no_grad():
+        for _ in range(2):
+            block(x, e0, cos, sin, ctx)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(5):
+            start.record()
+            block(x, e0, cos, sin, ctx)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        print(f"block forward at L={L}: median {sorted(times)[2]:.1f} ms -> {40 * sorted(times)[2] / 1000:.2f} s per step (40 blocks)")
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            block(x, e0, cos, sin, ctx)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

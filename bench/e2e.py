@@ -80,15 +80,15 @@ def main():
     ap.add_argument("--res", nargs="+", default=["480p", "720p"])
     ap.add_argument("--modes", nargs="+", default=["resident", "swap", "stream"])
     ap.add_argument("--frames", type=int, default=81)
-    ap.add_argument("--weights", choices=["bf16", "int8"], default="bf16",
-                    help="bf16 experts (like the reference anchors) or int8 experts run as w8a16")
+    ap.add_argument("--weights", choices=["bf16", "int8-w8a16", "int8-w8a8"], default="bf16",
+                    help="bf16 experts (like the reference anchors) or int8 (-quant) experts run as w8a16 or w8a8")
     ap.add_argument("--attention", default="sla")
     ap.add_argument("--results", default=str(REPO / "bench" / "results.json"))
     args = ap.parse_args()
 
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
-    int8_mode = "w8a16" if args.weights == "int8" else None
+    int8_mode = {"bf16": None, "int8-w8a16": "w8a16", "int8-w8a8": "w8a8"}[args.weights]
     cfg = DiTConfig()
     # build on the GPU (fast), then keep the home copy in host memory as a loader would
     experts = []

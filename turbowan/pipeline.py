@@ -161,19 +161,14 @@ def _default_device() -> torch.device:
 STREAM_VAE_BUDGET = 4 * 1024**3  # bytes of VAE activations allowed when the experts are streamed
 
 
-def _vae_tile(vae, grid: tuple[int, int], mode: str, device: torch.device):
-    """VAE tiling for this run: none on CPU; 'auto' (from free memory) normally; in ``stream`` mode, the
-    largest tile whose estimated activations fit STREAM_VAE_BUDGET, so the whole run stays small."""
-    if device.type != "cuda" or not hasattr(vae, "estimate_memory"):
+def _vae_tile(vae, stage: str, grid: tuple[int, int], mode: str, device: torch.device, frames: int):
+    """VAE tiling for one stage of this run: none on CPU; 'auto' (from free memory) normally; in ``stream``
+    mode the largest tile that fits STREAM_VAE_BUDGET, so the whole run stays within a small card."""
+    if device.type != "cuda" or not hasattr(vae, "tile_for_budget"):
         return None
     if mode != "stream":
         return "auto"
-    if vae.estimate_memory(grid) <= STREAM_VAE_BUDGET:
-        return None
-    side = max(grid)
-    while side > 8 and vae.estimate_memory((min(side, grid[0]), min(side, grid[1]))) > STREAM_VAE_BUDGET:
-        side -= 4
-    return (min(side, grid[0]), min(side, grid[1]))
+    return vae.tile_for_budget(stage, grid, STREAM_VAE_BUDGET, frames=frames)
 
 
 def check_expert_slots(high, low) -> None:
@@ -211,6 +206,7 @@ def generate_i2v(
     progress: Optional[ProgressHook] = None,
     device=None,
     before_load: Optional[Callable[[int, torch.device], None]] = None,
+    one_expert_at_a_time: bool = False,
 ) -> torch.Tensor:
     """Generate ``num_samples`` videos from one image and one prompt embedding.
 
@@ -219,6 +215,8 @@ def generate_i2v(
     ``text_embedding``: [1, L, 4096] umT5-xxl output (padded or cut to 512 rows).
     ``progress(stage, done, total)`` is called after each VAE chunk and each sampling step; raising from it
     cancels the run (models are moved back all the same).
+    ``before_load(nbytes, device)`` is called before models go onto the GPU (ComfyUI frees memory there);
+    ``one_expert_at_a_time`` keeps execution mode ``auto`` from holding both experts on the GPU.
     """
     check_num_frames(num_frames)
     if num_samples < 1:
@@ -239,15 +237,16 @@ def generate_i2v(
 
     place = Placement(device, before_load)
     lat_t, lat_h, lat_w = 1 + (num_frames - 1) // 4, h // 8, w // 8
-    mode = place.resolve_mode(high, low, tokens=num_samples * lat_t * (lat_h // 2) * (lat_w // 2))
-    vae_tile = _vae_tile(vae, (lat_h, lat_w), mode, device)
+    mode = place.resolve_mode(high, low, tokens=num_samples * lat_t * (lat_h // 2) * (lat_w // 2),
+                              allow_resident=not one_expert_at_a_time)
     try:
         # 1. image latents
         place.load_vae(vae)
         frames_in = torch.cat(
             [image_tensor[:, :, None], torch.zeros(1, 3, num_frames - 1, h, w)], dim=2
         ).to(device)
-        latents = vae.encode(frames_in, progress=progress, tile=vae_tile)  # [1, 16, T, h/8, w/8]
+        tile = _vae_tile(vae, "encode", (lat_h, lat_w), mode, device, num_frames)
+        latents = vae.encode(frames_in, progress=progress, tile=tile)  # [1, 16, T, h/8, w/8]
         del frames_in
         place.unload(vae)
         _, zc, T, lh, lw = latents.shape
@@ -282,8 +281,9 @@ def generate_i2v(
         # 3. decode, one sample at a time (same result as a batch, less memory)
         place.load_vae(vae)
         videos = []
+        tile = _vae_tile(vae, "decode", (lat_h, lat_w), mode, device, num_frames)
         for i in range(num_samples):
-            video = vae.decode(samples[i : i + 1], progress=progress, tile=vae_tile)  # [1, 3, F, H, W] in [-1, 1]
+            video = vae.decode(samples[i : i + 1], progress=progress, tile=tile)  # [1, 3, F, H, W] in [-1, 1]
             videos.append(((video.float().clamp(-1, 1) + 1) / 2).cpu())
         return torch.cat(videos).permute(0, 2, 3, 4, 1).contiguous()  # [S, F, H, W, 3]
     finally:

@@ -133,12 +133,12 @@ def activation_bytes(tokens: int, dim: int, ffn_dim: int, ffn_chunk: Optional[in
     return 10 * width + 2 * 2 * ffn_rows * ffn_dim
 
 
-def choose_mode(free_bytes: int, expert_bytes: int, other_expert_bytes: int, act_bytes: int, vae_bytes: int = 0) -> str:
+def choose_mode(free_bytes: int, expert_bytes: int, other_expert_bytes: int, act_bytes: int) -> str:
     """auto: resident if both experts and the activations fit, else swap if one does, else stream."""
     margin = 1.1
-    if (expert_bytes + other_expert_bytes + act_bytes + vae_bytes) * margin < free_bytes:
+    if (expert_bytes + other_expert_bytes + act_bytes) * margin < free_bytes:
         return "resident"
-    if (max(expert_bytes, other_expert_bytes) + act_bytes + vae_bytes) * margin < free_bytes:
+    if (expert_bytes + act_bytes) * margin < free_bytes:
         return "swap"
     return "stream"
 
@@ -171,17 +171,24 @@ class Placement:
         self.loaded: dict[int, tuple[object, str]] = {}  # id -> (model, how)
 
     # -- experts -------------------------------------------------------------------------------------------
-    def resolve_mode(self, high, low, tokens: int) -> str:
+    def resolve_mode(self, high, low, tokens: int, allow_resident: bool = True) -> str:
+        """The mode for this run. ``auto`` first lets the host application free what one expert needs (so a
+        text encoder it still holds does not push us into a slower mode), then measures free memory.
+        ``allow_resident=False`` keeps auto to one expert on the GPU at a time."""
         mode = getattr(high, "execution_mode", "auto")
         if self.device.type != "cuda":
             return "resident"  # nothing to move: CPU runs in place
         if mode != "auto":
             return mode
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += sum(tensor_bytes(m) for m, how in self.loaded.values() if how != "vae")
         c = high.config
         act = activation_bytes(tokens, c.dim, c.ffn_dim, FFN_CHUNK_TOKENS)
-        mode = choose_mode(free, tensor_bytes(high), tensor_bytes(low), act)
+        one, other = tensor_bytes(high), tensor_bytes(low)
+        self._before(max(one, other) + act)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        mode = choose_mode(free, one, other if allow_resident else 1 << 62, act)
+        if mode == "resident" and not allow_resident:
+            mode = "swap"
         log.info("turbowan: execution mode auto -> %s (%.1f GB free)", mode, free / 1e9)
         return mode
 

@@ -1,0 +1,87 @@
+"""The Triton int8 kernels (CUDA only) reproduce the exact W8A8 emulation bit for bit."""
+
+import pytest
+import torch
+from helpers import fixtures_dir
+from safetensors.torch import load_file
+
+from turbowan.ops.int8 import (Int8Linear, dequantize_int8_blockwise, quantize_int8_blockwise,
+                               w8a8_linear_reference)
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+from turbowan.kernels import int8_triton as K  # noqa: E402
+
+# Every comparison below is exact (torch.equal): both sides do the same integer dots, the same fp32 fma per
+# 128-wide K block and the same round-to-nearest-even casts, so any difference is a bug, not rounding noise.
+
+AWKWARD = [(1, 136, 128), (77, 200, 256), (129, 257, 384), (300, 640, 5120)]  # (M, N, K): ragged M and N
+
+
+def _random_layer(m, n, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    wq, ws = quantize_int8_blockwise(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    return x, wq, ws, bias
+
+
+@pytest.mark.parametrize("m,n,k", AWKWARD)
+def test_activation_quantization_matches_emulation(m, n, k):
+    x, *_ = _random_layer(m, n, k, torch.bfloat16, 0)
+    q, s = K.quantize_activations(x.cuda())
+    q_ref, s_ref = quantize_int8_blockwise(x)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+@pytest.mark.parametrize("m,n,k", AWKWARD)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w8a8_linear_matches_emulation(m, n, k, dtype):
+    x, wq, ws, bias = _random_layer(m, n, k, dtype, 1)
+    y = K.w8a8_linear(x.cuda(), wq.cuda(), ws.cuda(), bias.cuda())
+    assert y.dtype == dtype
+    assert torch.equal(y.cpu(), w8a8_linear_reference(x, wq, ws, bias))
+
+
+def test_w8a8_linear_keeps_leading_dims_and_works_without_bias():
+    x, wq, ws, _ = _random_layer(2 * 45, 256, 256, torch.bfloat16, 2)
+    x3 = x.view(2, 45, 256)
+    y = K.w8a8_linear(x3.cuda(), wq.cuda(), ws.cuda(), None)
+    assert y.shape == (2, 45, 256)
+    assert torch.equal(y.cpu(), w8a8_linear_reference(x3, wq, ws, None))
+
+
+def test_fixture_unit_is_bit_exact():
+    d = load_file(fixtures_dir() / "dit" / "int8_linear_unit.safetensors")
+    c = {k: v.cuda() for k, v in d.items()}
+    q, s = K.quantize_activations(c["x"])
+    assert torch.equal(q.cpu(), d["x_int8"]) and torch.equal(s.cpu(), d["x_scale"])
+    gemm = K.w8a8_gemm(c["x_int8"], c["x_scale"], c["w_int8"], c["w_scale"], None, torch.bfloat16)
+    assert torch.equal(gemm.cpu(), d["gemm_out"])
+    y = K.w8a8_linear(c["x"], c["w_int8"], c["w_scale"], c["bias"])
+    assert torch.equal(y.cpu(), d["linear_out"])
+
+
+def test_int8linear_w8a8_on_cuda_uses_the_kernel_and_matches_emulation():
+    x, wq, ws, bias = _random_layer(130, 256, 384, torch.bfloat16, 3)
+    layer = Int8Linear(384, 256, bias=True, mode="w8a8")
+    layer.int8_weight, layer.scale, layer.bias = wq, ws, bias
+    from turbowan.kernels import int8_dispatch
+
+    assert int8_dispatch() is K.w8a8_linear  # otherwise the layer would silently run the emulation
+    assert torch.equal(layer.cuda()(x.cuda()).cpu(), w8a8_linear_reference(x, wq, ws, bias))
+
+
+def test_k_not_multiple_of_128_is_refused_with_a_clear_error():
+    x, wq, ws, bias = _random_layer(8, 128, 200, torch.bfloat16, 4)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        K.w8a8_linear(x.cuda(), wq.cuda(), ws.cuda(), bias.cuda())
+
+
+@pytest.mark.parametrize("n,k", [(136, 200), (13824 // 8, 5120)])
+def test_cuda_dequantize_equals_cpu_dequantize(n, k):
+    _, wq, ws, _ = _random_layer(1, n, k, torch.bfloat16, 5)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        w = K.dequantize_int8_blockwise_cuda(wq.cuda(), ws.cuda(), dtype)
+        assert torch.equal(w.cpu(), dequantize_int8_blockwise(wq, ws, dtype))

@@ -1,0 +1,409 @@
+"""The ComfyUI nodes, run through the in-repo ComfyUI double (tests/comfy_double) with the tiny fixture models.
+
+Every run here is 5 frames at 32x32 with dense attention (the tiny clip is too short for SLA at topk 0.1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS / "comfy_double"))  # ComfyUI's module names resolve to the double
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+
+from turbowan import comfy_nodes as nodes  # noqa: E402
+from turbowan import generate_i2v  # noqa: E402
+
+HIGH, LOW, HIGH_QUANT = "TurboWan2.2-I2V-tiny-high.pth", "TurboWan2.2-I2V-tiny-low.pth", "TurboWan2.2-I2V-tiny-high-quant.pth"
+VAE = "Wan2.1_VAE-tiny.pth"
+SIZE = dict(width=32, height=32)  # explicit size: the presets are far too large for CPU tests
+SEED_SAMPLER_WIDGETS = ["num_frames", "num_steps", "resolution", "aspect_ratio", "boundary", "sigma_max", "seed",
+                        "control_after_generate", "use_ode"]
+
+
+@pytest.fixture
+def comfy_env(fixtures, tmp_path):
+    """Model folders holding copies of the tiny fixtures, an output folder, empty caches and a clean interrupt flag."""
+    saved = {k: (list(v[0]), v[1]) for k, v in folder_paths.folder_names_and_paths.items()}
+    saved_dirs = (folder_paths.get_output_directory(), folder_paths.get_input_directory())
+    models = tmp_path / "models"
+    for sub, names in (("diffusion_models", [HIGH, LOW, HIGH_QUANT]), ("vae", [VAE])):
+        (models / sub).mkdir(parents=True)
+        folder = "dit" if sub == "diffusion_models" else "vae"
+        for name in names:
+            shutil.copy(fixtures / folder / name, models / sub / name)
+        folder_paths.add_model_folder_path(sub, str(models / sub), is_default=True)
+    (tmp_path / "output").mkdir()
+    (tmp_path / "input").mkdir()
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    nodes._experts.entries.clear()
+    nodes._vaes.entries.clear()
+    mm.interrupt_current_processing(False)
+    yield tmp_path
+    mm.interrupt_current_processing(False)
+    comfy.utils.set_progress_bar_global_hook(None)
+    mm.current_loaded_models.clear()
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)
+    folder_paths.set_output_directory(saved_dirs[0])
+    folder_paths.set_input_directory(saved_dirs[1])
+
+
+@pytest.fixture
+def image(fixtures):
+    """The fixture start image as ComfyUI's LoadImage outputs it: [1, H, W, 3] float32 in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.array(Image.open(fixtures / "pipeline" / "input_image.png").convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
+
+
+def conditioning(width: int = 4096, tokens: int = 16, seed: int = 0):
+    """CONDITIONING as CLIPTextEncode returns it: [[tensor [1, L, D], {"pooled_output": ...}]]."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, width, generator=g), {"pooled_output": None}]]
+
+
+def load_experts(attention="original"):
+    loader = nodes.TurboWanModelLoader()
+    (high,) = loader.load(HIGH, attention, 0.1, "auto")
+    (low,) = loader.load(LOW, attention, 0.1, "auto")
+    return high, low
+
+
+def run_sampler(high, low, vae, image, cond=None, num_frames=5, seed=0, **kw):
+    return nodes.TurboDiffusionI2VSampler().generate(
+        high, low, cond if cond is not None else conditioning(), vae, image, num_frames, 4, "480", "16:9", 0.9,
+        200.0, seed, False, kw.pop("adaptive_resolution", False), **{**SIZE, **kw})
+
+
+# -- registration and the workflow files -------------------------------------------------------------------
+
+def test_repo_root_registers_the_seed_nodes_without_triton(comfy_env, monkeypatch):
+    """ComfyUI imports the checkout as a package named after its folder; no optional GPU library is needed."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # any `import triton` now raises ImportError
+    spec = importlib.util.spec_from_file_location(
+        "Comfyui_turbodiffusion", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "Comfyui_turbodiffusion", module)
+    spec.loader.exec_module(module)
+    assert {"TurboWanModelLoader", "TurboWanVAELoader", "TurboDiffusionI2VSampler",
+            "TurboDiffusionSaveVideo"} <= set(module.NODE_CLASS_MAPPINGS)
+    assert set(module.NODE_DISPLAY_NAME_MAPPINGS) == set(module.NODE_CLASS_MAPPINGS)
+    for cls in module.NODE_CLASS_MAPPINGS.values():
+        assert callable(getattr(cls(), cls.FUNCTION))
+        cls.INPUT_TYPES()
+
+
+def widget_names(node_class) -> list[str]:
+    """Widget inputs in the order a saved UI workflow lists their values (a seed INT adds its control widget)."""
+    spec = node_class.INPUT_TYPES()
+    names = []
+    for section in ("required", "optional"):
+        for name, (kind, *opts) in spec.get(section, {}).items():
+            if isinstance(kind, (list, tuple)) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                names.append(name)
+                options = opts[0] if opts else {}
+                if kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
+                    names.append("control_after_generate")
+    return names
+
+
+def check_widget_value(node_class, name, value):
+    if name == "control_after_generate":
+        assert value in ("fixed", "increment", "decrement", "randomize")
+        return
+    spec = {**node_class.INPUT_TYPES()["required"], **node_class.INPUT_TYPES().get("optional", {})}
+    kind, *opts = spec[name]
+    options = opts[0] if opts else {}
+    if isinstance(kind, (list, tuple)):
+        if name not in ("model_name", "vae_name", "embedding"):  # file lists depend on the machine
+            assert value in kind, (name, value)
+    elif kind in ("INT", "FLOAT"):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (name, value)
+        assert options.get("min", value) <= value <= options.get("max", value), (name, value)
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), (name, value)
+    elif kind == "STRING":
+        assert isinstance(value, str), (name, value)
+
+
+def test_seed_widget_layout_loads_into_our_nodes():
+    """The seed workflow's widgets (names and order) are the first widgets of our nodes; new ones come after."""
+    assert widget_names(nodes.TurboWanModelLoader)[:3] == ["model_name", "attention_type", "sla_topk"]
+    assert widget_names(nodes.TurboWanVAELoader) == ["vae_name"]
+    assert widget_names(nodes.TurboDiffusionI2VSampler)[:9] == SEED_SAMPLER_WIDGETS
+    assert widget_names(nodes.TurboDiffusionSaveVideo) == ["filename_prefix", "fps", "format", "quality", "loop"]
+    seed_values = {  # a workflow saved by the seed's nodes: its values must stay valid for ours
+        nodes.TurboWanModelLoader: ["TurboWan2.2-I2V-A14B-high-720P-quant.pth", "sla", 0.1],
+        nodes.TurboDiffusionI2VSampler: [77, 4, "480", "16:9", 0.9, 200, 0, "fixed", False],
+        nodes.TurboDiffusionSaveVideo: ["turbodiffusion", 24, "mp4", 8, True],
+    }
+    for cls, values in seed_values.items():
+        for name, value in zip(widget_names(cls), values):
+            check_widget_value(cls, name, value)
+
+
+def test_ui_workflow_widgets_map_onto_input_types():
+    workflow = json.loads((REPO / "workflows" / "turbowan_i2v.json").read_text())
+    ours = [n for n in workflow["nodes"] if n["type"] in nodes.NODE_CLASS_MAPPINGS]
+    assert sorted(n["type"] for n in ours) == sorted(
+        ["TurboWanModelLoader", "TurboWanModelLoader", "TurboWanVAELoader", "TurboDiffusionI2VSampler",
+         "TurboDiffusionSaveVideo"])
+    assert {n["type"] for n in workflow["nodes"]} - set(nodes.NODE_CLASS_MAPPINGS) == {"CLIPLoader", "CLIPTextEncode", "LoadImage"}
+    for node in ours:
+        cls = nodes.NODE_CLASS_MAPPINGS[node["type"]]
+        names = widget_names(cls)
+        assert len(node["widgets_values"]) == len(names), node["type"]
+        for name, value in zip(names, node["widgets_values"]):
+            check_widget_value(cls, name, value)
+        linked = [i["name"] for i in node.get("inputs", [])]
+        sockets = [k for k, (kind, *_) in cls.INPUT_TYPES()["required"].items() if k not in names]
+        assert linked == sockets, node["type"]
+
+
+def test_api_workflow_gives_every_required_input():
+    workflow = json.loads((REPO / "workflows" / "turbowan_i2v_api.json").read_text())
+    assert len(workflow) == 8
+    for node_id, node in workflow.items():
+        cls = nodes.NODE_CLASS_MAPPINGS.get(node["class_type"])
+        if cls is None:
+            continue
+        spec = cls.INPUT_TYPES()
+        assert set(spec["required"]) == set(node["inputs"]), node["class_type"]
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):  # a link: [node id, output slot]
+                assert value[0] in workflow
+            else:
+                check_widget_value(cls, name, value)
+
+
+# -- loaders ---------------------------------------------------------------------------------------------
+
+def test_model_loader_lists_diffusion_models(comfy_env):
+    choices = nodes.TurboWanModelLoader.INPUT_TYPES()["required"]["model_name"][0]
+    assert {HIGH, LOW, HIGH_QUANT} <= set(choices)
+
+
+def test_model_loader_reads_once_and_reuses(comfy_env):
+    high, _ = load_experts()
+    again, _ = load_experts()
+    assert again is high
+    assert high.device.type == "cpu"  # the pipeline places it when it runs
+    assert high.dtype == torch.float32  # ComfyUI on the CPU (--cpu, as the double): float32 compute
+
+
+def test_model_loader_reloads_on_changed_option_or_file(comfy_env):
+    (first,) = nodes.TurboWanModelLoader().load(HIGH, "original", 0.1, "auto")
+    (other_option,) = nodes.TurboWanModelLoader().load(HIGH, "sla", 0.2, "auto")
+    assert other_option is not first and other_option.attention == "sla"
+    path = comfy_env / "models" / "diffusion_models" / HIGH
+    before = nodes.TurboWanModelLoader.IS_CHANGED(HIGH, attention_type="sla")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file was replaced
+    assert nodes.TurboWanModelLoader.IS_CHANGED(HIGH, attention_type="sla") != before
+    (reloaded,) = nodes.TurboWanModelLoader().load(HIGH, "sla", 0.2, "auto")
+    assert reloaded is not other_option
+    assert len(nodes._experts.entries) == 1  # the stale copies were dropped
+    (same,) = nodes.TurboWanModelLoader().load(HIGH, "sla", 0.2, "swap")
+    assert same is reloaded and same.execution_mode == "swap"  # a placement choice, not a reason to reload
+
+
+def test_wrong_file_in_model_slot_is_one_sentence(comfy_env, fixtures):
+    shutil.copy(fixtures / "vae" / VAE, comfy_env / "models" / "diffusion_models" / VAE)
+    with pytest.raises(nodes.TurboWanError) as err:
+        nodes.TurboWanModelLoader().load(VAE, "sla", 0.1, "auto")
+    message = str(err.value)
+    assert "VAE" in message and "expert" in message and "\n" not in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no chain of internals
+
+
+def test_wrong_file_in_vae_slot_is_one_sentence(comfy_env, fixtures):
+    shutil.copy(fixtures / "dit" / HIGH, comfy_env / "models" / "vae" / HIGH)
+    with pytest.raises(nodes.TurboWanError) as err:
+        nodes.TurboWanVAELoader().load(HIGH)
+    assert "DiT" in str(err.value) and "Wan2.1 VAE" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_text_embedding_node_reads_a_saved_embedding(comfy_env):
+    from safetensors.torch import save_file
+
+    emb = torch.randn(7, 4096)
+    save_file({"text_embedding": emb}, str(comfy_env / "input" / "prompt.safetensors"))
+    assert nodes.TurboWanLoadTextEmbedding.INPUT_TYPES()["required"]["embedding"][0] == ["prompt.safetensors"]
+    ((cond, extra),) = nodes.TurboWanLoadTextEmbedding().load("prompt.safetensors")[0]
+    assert torch.equal(cond, emb[None]) and extra == {"pooled_output": None}
+    save_file({"a": emb, "b": emb.clone()}, str(comfy_env / "input" / "two.safetensors"))
+    with pytest.raises(nodes.TurboWanError, match="text_embedding"):
+        nodes.TurboWanLoadTextEmbedding().load("two.safetensors")
+
+
+# -- sampler ---------------------------------------------------------------------------------------------
+
+def test_sampler_outputs_frames_and_last_frame(comfy_env, image):
+    high, low = load_experts()
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    frames, last = run_sampler(high, low, vae, image)
+    assert frames.shape == (5, 32, 32, 3) and frames.dtype == torch.float32
+    assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0
+    assert torch.equal(last, frames[-1:])
+    # the node adds nothing to the pipeline: same call, same frames (bitwise: same CPU ops in the same order)
+    direct = generate_i2v(high, low, vae, image, conditioning()[0][0], num_frames=5, num_steps=4, seed=0,
+                          device="cpu", **SIZE)
+    assert torch.equal(frames, direct[0])
+
+
+def test_last_frame_chains_into_a_second_clip(comfy_env, image):
+    high, low = load_experts()
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    _, last = run_sampler(high, low, vae, image)
+    second, _ = run_sampler(high, low, vae, last, num_frames=9, seed=1)
+    assert second.shape == (9, 32, 32, 3)
+
+
+def test_stock_vae_loader_output_gives_the_same_video(comfy_env, image, fixtures):
+    """VAELoader's comfy.sd.VAE (Wan2.1 file) works in the sampler and gives what TurboWanVAELoader gives."""
+    high, low = load_experts()
+    (ours,) = nodes.TurboWanVAELoader().load(VAE)
+    stock = comfy.sd.VAE(sd=torch.load(fixtures / "vae" / VAE, map_location="cpu", weights_only=True))
+    assert stock.vae_dtype == torch.float32  # ComfyUI picks float32 for a CPU VAE
+    expected, _ = run_sampler(high, low, ours, image)
+    got, _ = run_sampler(high, low, stock, image)
+    assert torch.equal(got, expected)  # same fp32 weights, same code path: bitwise equal
+    assert nodes.as_turbowan_vae(stock) is nodes.as_turbowan_vae(stock)  # converted once per VAE object
+
+
+def test_stock_vae_of_another_family_is_rejected(comfy_env, image):
+    high, low = load_experts()
+    sd_vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(512, 4, 3, 3), "encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)})
+    with pytest.raises(nodes.TurboWanError, match="Wan2.1 VAE"):
+        run_sampler(high, low, sd_vae, image)
+
+
+def test_1024_wide_conditioning_names_the_right_clip_type(comfy_env, image):
+    high, low = load_experts()
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    with pytest.raises(nodes.TurboWanError) as err:
+        run_sampler(high, low, vae, image, cond=conditioning(width=1024))
+    assert "1024" in str(err.value) and "'wan'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_80_frames_is_refused_with_the_nearest_valid_counts(comfy_env, image):
+    high, low = load_experts()
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    with pytest.raises(nodes.TurboWanError, match=r"4n\+1.*77 or 81"):
+        run_sampler(high, low, vae, image, num_frames=80)
+
+
+def test_sampler_refuses_inputs_it_cannot_use(comfy_env, image):
+    high, low = load_experts()
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    with pytest.raises(nodes.TurboWanError, match="one"):
+        run_sampler(high, low, vae, image, cond=conditioning() + conditioning(seed=1))
+    with pytest.raises(nodes.TurboWanError, match="batch of 2"):
+        run_sampler(high, low, vae, image.repeat(2, 1, 1, 1))
+    patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(nodes.TurboWanError, match="TurboWanModelLoader"):
+        run_sampler(patcher, low, vae, image)
+
+
+def test_progress_bar_advances_per_chunk_and_step(comfy_env, image):
+    high, low = load_experts()
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    run_sampler(high, low, vae, image)
+    # 5 frames = 2 latent frames: encode 2 chunks, 4 steps, decode 2 latent frames
+    assert [v for v, _ in updates] == list(range(1, 9))
+    assert all(total == 8 for _, total in updates)
+
+
+def test_cancel_after_first_step_stops_and_next_run_is_clean(comfy_env, image):
+    high, low = load_experts()
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    expected, _ = run_sampler(high, low, vae, image)
+    seen = []
+
+    def press_cancel_after_first_step(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 3:  # 2 encode chunks + the first sampling step
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(press_cancel_after_first_step)
+    with pytest.raises(mm.InterruptProcessingException):  # not wrapped: ComfyUI reports it as "interrupted"
+        run_sampler(high, low, vae, image)
+    assert seen[-1] == 3  # stopped right at the step boundary
+    assert high.device.type == low.device.type == vae.device.type == "cpu"
+    assert not mm.processing_interrupted()
+    comfy.utils.set_progress_bar_global_hook(None)
+    again, _ = run_sampler(high, low, vae, image)
+    assert torch.equal(again, expected)
+
+
+def test_before_load_asks_comfyui_to_free_its_models(comfy_env):
+    """The pipeline's before_load hook unloads ComfyUI's resident models (e.g. the text encoder) as needed."""
+    text_encoder = comfy.model_patcher.ModelPatcher(torch.nn.Linear(64, 64), torch.device("cpu"), torch.device("cpu"))
+    mm.load_models_gpu([text_encoder])
+    assert mm.loaded_models() == [text_encoder]
+    nodes.make_before_load(working_bytes=0)(1 << 60, torch.device("cpu"))  # more than any machine has free
+    assert mm.loaded_models() == []
+    mm.load_models_gpu([text_encoder])
+    nodes.make_before_load(working_bytes=0)(1, torch.device("cpu"))  # already enough free: keep it
+    assert mm.loaded_models() == [text_encoder]
+
+
+# -- saving ----------------------------------------------------------------------------------------------
+
+def decode(path: Path):
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        return frames, dict(container.metadata), container.streams.video[0].codec_context.name
+
+
+def test_save_node_writes_mp4_into_output_and_shows_it(comfy_env):
+    frames = torch.rand(9, 48, 64, 3)
+    save = nodes.TurboDiffusionSaveVideo()
+    ui = save.save(frames, "clips/TurboDiffusion", 16, "mp4", 8, True, prompt={"7": {"class_type": "x"}},
+                   extra_pnginfo={"workflow": {"nodes": []}})
+    assert ui == {"ui": {"images": [{"filename": "TurboDiffusion_00001_.mp4", "subfolder": "clips", "type": "output"}],
+                         "animated": (True,)}}
+    path = comfy_env / "output" / "clips" / "TurboDiffusion_00001_.mp4"
+    decoded, metadata, codec = decode(path)
+    assert len(decoded) == 9 and decoded[0].shape == (48, 64, 3) and codec == "h264"
+    assert json.loads(metadata["prompt"]) == {"7": {"class_type": "x"}}
+    assert json.loads(metadata["workflow"]) == {"nodes": []}
+    second = save.save(frames, "clips/TurboDiffusion", 16, "mp4", 8, True)
+    assert second["ui"]["images"][0]["filename"] == "TurboDiffusion_00002_.mp4"
+
+
+@pytest.mark.parametrize("fmt", ["webm", "gif"])
+def test_save_node_other_formats(comfy_env, fmt):
+    ui = nodes.TurboDiffusionSaveVideo().save(torch.rand(5, 32, 48, 3), "TurboDiffusion", 16, fmt, 8, True)
+    name = ui["ui"]["images"][0]["filename"]
+    assert name.endswith("." + fmt)
+    decoded, _, _ = decode(comfy_env / "output" / name)
+    assert len(decoded) == 5 and decoded[0].shape == (32, 48, 3)
+
+
+def test_save_prefix_cannot_escape_the_output_folder(comfy_env):
+    with pytest.raises(nodes.TurboWanError, match="outside ComfyUI's output folder"):
+        nodes.TurboDiffusionSaveVideo().save(torch.rand(2, 16, 16, 3), "../../escape", 16, "mp4", 8, True)
+    assert not (comfy_env.parent / "escape_00001_.mp4").exists()

@@ -1,0 +1,522 @@
+"""The ``turbowan`` command: generate a video, check a machine, or run the built-in demo.
+
+    turbowan generate --image cat.png --prompt "a cat surfing" --models-dir ComfyUI/models -o cat.mp4
+    turbowan doctor --models-dir ComfyUI/models
+    turbowan demo -o demo.mp4
+
+A thin adapter over the `turbowan` package (loaders, `generate_i2v`, `write_video`): it finds the model
+files, shows a progress bar per stage, and prints a one-line summary. Exit codes: 0 done, 2 bad input or a
+model file that does not fit its slot (one line ``error: ...``), 130 interrupted (Ctrl-C; no partial file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import inspect
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
+
+
+# -- model files ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    """One model file the pipeline needs, and how to recognise it in a ComfyUI models folder."""
+
+    key: str  # "high", "low", "vae", "text_encoder"
+    option: str  # command-line option that sets it
+    what: str  # words for messages
+    folders: tuple[str, ...]  # ComfyUI sub-folders searched (then the models folder itself, flat)
+    names: tuple[str, ...]  # usual file names, preferred first
+    patterns: tuple[str, ...]  # case-insensitive globs for renamed copies (e.g. the tiny test models)
+    download: str
+
+
+_TURBOWAN_HF = "https://huggingface.co/TurboDiffusion/TurboWan2.2-I2V-A14B-720P"
+_COMFY_WAN_HF = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged"
+
+MODEL_SLOTS: tuple[ModelSlot, ...] = (
+    ModelSlot("high", "--high", "high-noise expert", ("diffusion_models", "unet"),
+              ("TurboWan2.2-I2V-A14B-high-720P-quant.pth", "TurboWan2.2-I2V-A14B-high-720P.pth"),
+              ("turbowan2.2-i2v*-high*.pth", "turbowan2.2-i2v*-high*.safetensors"), _TURBOWAN_HF),
+    ModelSlot("low", "--low", "low-noise expert", ("diffusion_models", "unet"),
+              ("TurboWan2.2-I2V-A14B-low-720P-quant.pth", "TurboWan2.2-I2V-A14B-low-720P.pth"),
+              ("turbowan2.2-i2v*-low*.pth", "turbowan2.2-i2v*-low*.safetensors"), _TURBOWAN_HF),
+    ModelSlot("vae", "--vae", "Wan2.1 VAE", ("vae",),
+              ("wan_2.1_vae.safetensors", "Wan2.1_VAE.pth"),
+              ("*wan*2.1*vae*.safetensors", "*wan*2.1*vae*.pth"), f"{_COMFY_WAN_HF} (split_files/vae)"),
+    ModelSlot("text_encoder", "--text-encoder", "umT5-xxl text encoder", ("text_encoders", "clip"),
+              ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "nsfw_wan_umt5-xxl_fp8_scaled.safetensors",
+               "models_t5_umt5-xxl-enc-bf16.pth", "umt5_xxl_fp16.safetensors"),
+              ("*umt5*xxl*.safetensors", "*umt5*xxl*.pth"), f"{_COMFY_WAN_HF} (split_files/text_encoders)"),
+)
+SLOTS_BY_KEY = {s.key: s for s in MODEL_SLOTS}
+
+
+def find_model_files(models_dir) -> dict[str, list[Path]]:
+    """Candidate files per slot in a ComfyUI models folder (or a flat folder of checkpoints), preferred first.
+
+    Usual names come before glob matches; among glob matches ``-quant`` files (half the size) come first.
+    """
+    root = Path(models_dir).expanduser()
+    if not root.is_dir():
+        from .checkpoint import ModelFileError
+
+        raise ModelFileError(f"--models-dir {str(root)!r} is not a folder; point it at ComfyUI/models")
+    found: dict[str, list[Path]] = {}
+    for slot in MODEL_SLOTS:
+        seen, out = set(), []
+        for folder in [root / f for f in slot.folders] + [root]:
+            if not folder.is_dir():
+                continue
+            files = sorted(p for p in folder.iterdir() if p.is_file())
+            by_lower = {p.name.lower(): p for p in files}
+            exact = [by_lower[n.lower()] for n in slot.names if n.lower() in by_lower]
+            globbed = [p for p in files if any(fnmatch.fnmatch(p.name.lower(), pat) for pat in slot.patterns)]
+            globbed.sort(key=lambda p: ("quant" not in p.name.lower(), p.name))
+            for p in exact + globbed:
+                if p.resolve() not in seen:
+                    seen.add(p.resolve())
+                    out.append(p)
+        found[slot.key] = out
+    return found
+
+
+def resolve_model_files(args) -> dict[str, Optional[Path]]:
+    """Explicit options win; otherwise the first candidate in --models-dir. The text encoder may be absent."""
+    found = find_model_files(args.models_dir) if args.models_dir else {}
+    files: dict[str, Optional[Path]] = {}
+    for slot in MODEL_SLOTS:
+        given = getattr(args, slot.key)
+        path = Path(given).expanduser() if given else (found.get(slot.key) or [None])[0]
+        if path is not None and not path.is_file():
+            from .checkpoint import ModelFileError
+
+            raise ModelFileError(f"{slot.option} {str(path)!r} does not exist")
+        files[slot.key] = path
+    for slot in MODEL_SLOTS[:3]:
+        if files[slot.key] is None:
+            raise _missing(slot)
+    return files
+
+
+def _missing(slot: ModelSlot) -> Exception:
+    from .checkpoint import ModelFileError
+
+    where = "/".join((slot.folders[0], slot.names[0]))
+    return ModelFileError(
+        f"no {slot.what} given: pass {slot.option} FILE, or --models-dir with {where} in it (download: {slot.download})"
+    )
+
+
+# -- progress ---------------------------------------------------------------------------------------------
+
+STAGE_LABELS = {"text": "text encode", "load": "load models", "encode": "VAE encode", "sample": "sampling",
+                "decode": "VAE decode", "write": "write video"}
+
+
+class StageProgress:
+    """A tqdm bar per stage and the wall time of each stage; callable as the pipeline's progress hook.
+
+    Each call ``(stage, done, total)`` charges the time since the previous call to ``stage``, so waits
+    between stages (moving a model to the GPU) count towards the stage they precede.
+    """
+
+    def __init__(self, enabled: Optional[bool] = None):
+        self.enabled = enabled  # None: bars only when stderr is a terminal (tqdm's rule)
+        self.times: dict[str, float] = {}
+        self.written: list[Path] = []  # finished output files (kept if the run is interrupted later)
+        self.bar = None
+        self.stage: Optional[str] = None
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.last = time.perf_counter()
+        self.last_wall = time.time()
+
+    def begin(self, stage: str, total: int) -> None:
+        """Show a stage's bar at 0 before slow work whose first unit takes long (loading the text encoder)."""
+        self.close()
+        self._open(stage, total)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now, now_wall = time.perf_counter(), time.time()
+        self.times[stage] = self.times.get(stage, 0.0) + (now - self.last)
+        if self.bar is None or stage != self.stage or done <= self.bar.n:
+            self.close()
+            self._open(stage, total)
+        self.last, self.last_wall = now, now_wall
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()  # so the bar's clock stops with the stage
+
+    def _open(self, stage: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=STAGE_LABELS.get(stage, stage), leave=True, file=sys.stderr,
+                        disable=None if self.enabled is None else not self.enabled, dynamic_ncols=True,
+                        bar_format="{desc:<12} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+        self.bar.start_t = self.last_wall  # the stage began when the previous one ended
+        self.stage = stage
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def summary(self) -> str:
+        parts = [f"{STAGE_LABELS.get(k, k)} {v:.1f} s" for k, v in self.times.items()]
+        return f"{sum(self.times.values()):.1f} s ({', '.join(parts)})"
+
+
+class _TqdmLogHandler(logging.Handler):
+    """Library notices printed above the progress bars instead of through them."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+# -- generate ---------------------------------------------------------------------------------------------
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _execution_modes() -> Optional[tuple[str, ...]]:
+    """The loader's execution modes (resident / swap / stream / auto), when this build's `load_dit` has them."""
+    import turbowan
+
+    if not _accepts(turbowan.load_dit, "mode"):
+        return None
+    from .placement import EXECUTION_MODES
+
+    return tuple(EXECUTION_MODES)
+
+
+def pick_device(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use cuda, cuda:1 or cpu") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for CUDA, but torch {torch.__version__} sees no CUDA GPU here; "
+                             "use --device cpu (hours for the 14B models) or run on a GPU machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_image(path):
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"--image {path.name} could not be read as an image ({exc})") from None
+
+
+def load_text_embedding_file(path):
+    """A saved umT5 embedding: a .safetensors with one tensor [1, L, 4096] or [L, 4096] (or named 'text_embedding')."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .pipeline import prepare_text_embedding
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--text-embedding {str(path)!r} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"--text-embedding {path.name} is not a readable .safetensors file ({exc})") from None
+    if len(tensors) == 1:
+        (emb,) = tensors.values()
+    elif "text_embedding" in tensors:
+        emb = tensors["text_embedding"]
+    else:
+        raise ValueError(f"--text-embedding {path.name} holds {len(tensors)} tensors ({', '.join(list(tensors)[:4])}); "
+                         "save one tensor, or name it 'text_embedding'")
+    return prepare_text_embedding(emb)  # checks the shape: [1, 512, 4096]
+
+
+def check_sla_topk(topk: float, frames: int, width: int, height: int) -> None:
+    """Refuse, before any loading, an SLA ratio that keeps no key block for this clip size."""
+    from .ops.sla import selected_block_count
+
+    tokens = (1 + (frames - 1) // 4) * (height // 16) * (width // 16)
+    selected_block_count(topk, math.ceil(tokens / 64))  # raises ValueError naming the smallest ratio that works
+
+
+def output_paths(output, samples: int) -> list[Path]:
+    output = Path(output).expanduser()
+    if output.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"-o {output.name}: the output must end in {', '.join(VIDEO_SUFFIXES)}")
+    if output.is_dir():
+        raise ValueError(f"-o {str(output)!r} is a folder; give a file name such as {output / 'video.mp4'}")
+    if samples == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(samples)]
+
+
+def _text_encoder_device(compute, encoder_path: Path):
+    """Run the 11 GB umT5 on the GPU only when it fits next to nothing else; otherwise on the CPU (cached)."""
+    import torch
+
+    if compute.type != "cuda":
+        return compute
+    size = encoder_path.stat().st_size
+    needed = size * (2 if "fp8" in encoder_path.name.lower() else 1) + (2 << 30)  # bf16 weights + headroom
+    free, _ = torch.cuda.mem_get_info(compute)
+    return compute if free > needed else torch.device("cpu")
+
+
+def cmd_generate(args, progress: StageProgress) -> int:
+    import torch
+
+    import turbowan
+    from .pipeline import check_num_frames, target_size
+
+    # 1. everything that can be refused without loading a model
+    check_num_frames(args.frames)
+    if not 1 <= args.steps <= 4:
+        raise ValueError(f"--steps must be 1 to 4 (the models are distilled for 4), got {args.steps}")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    if not 0 <= args.quality <= 10 or not args.fps > 0:
+        raise ValueError(f"--quality must be 0-10 and --fps positive, got {args.quality} and {args.fps:g}")
+    if args.text_embedding and args.prompt:
+        raise ValueError("give --prompt (with a text encoder) or --text-embedding, not both")
+    if not args.text_embedding and not args.prompt:
+        raise ValueError("give --prompt TEXT (with --text-encoder or --models-dir), or --text-embedding FILE")
+    files = resolve_model_files(args)
+    if args.prompt and files["text_encoder"] is None:
+        raise _missing(SLOTS_BY_KEY["text_encoder"])
+    image = load_image(args.image)
+    width, height = target_size(image.size, args.resolution, args.aspect_ratio, args.adaptive, args.width, args.height)
+    if args.attention != "original":
+        check_sla_topk(args.sla_topk, args.frames, width, height)
+    outputs = output_paths(args.output, args.samples)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # 2. text embedding (first, so the text encoder is gone before the experts arrive)
+    progress.restart_clock()
+    progress.begin("text", 1)
+    if args.text_embedding:
+        context = load_text_embedding_file(args.text_embedding)
+    else:
+        from .text_cache import cached_text_embedding  # encodes once per prompt and encoder file
+
+        context = cached_text_embedding(files["text_encoder"], args.prompt, tokenizer=args.tokenizer,
+                                        device=_text_encoder_device(device, files["text_encoder"]))
+    progress("text", 1, 1)
+
+    # 3. models (kept on the CPU; the pipeline places them on the GPU per the execution mode). bf16 on the GPU
+    # as the reference; float32 on a CPU, where bf16 convolutions and matmuls are slower, not faster.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    load_kwargs = dict(attention=args.attention, sla_topk=args.sla_topk, quant=args.quant, dtype=dtype)
+    if getattr(args, "mode", None) is not None:
+        load_kwargs["mode"] = args.mode
+    high = turbowan.load_dit(files["high"], **load_kwargs)
+    progress("load", 1, 3)
+    low = turbowan.load_dit(files["low"], **load_kwargs)
+    progress("load", 2, 3)
+    vae = turbowan.load_vae(files["vae"], device="cpu", dtype=dtype)
+    progress("load", 3, 3)
+    if device.type == "cpu" and high.config.dim >= 5120:
+        logging.getLogger("turbowan").warning("turbowan: the 14B experts take hours on a CPU; use a CUDA GPU")
+
+    # 4. the job
+    frames = turbowan.generate_i2v(
+        high, low, vae, image, context,
+        num_frames=args.frames, num_steps=args.steps, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
+        adaptive_resolution=args.adaptive, width=args.width, height=args.height, boundary=args.boundary,
+        sigma_max=args.sigma_max, seed=args.seed, ode=args.ode, num_samples=args.samples,
+        progress=progress, device=device,
+    )  # [S, F, H, W, 3] in [0, 1]
+
+    # 5. write (atomically: a temporary file renamed into place)
+    for i, path in enumerate(outputs):
+        turbowan.write_video(frames[i], path, fps=args.fps, quality=args.quality)
+        progress.written.append(path)
+        progress("write", i + 1, len(outputs))
+    progress.close()
+
+    peak = ""
+    if device.type == "cuda":
+        peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB allocated / "
+                f"{torch.cuda.max_memory_reserved(device) / 1e9:.1f} GB reserved")
+    names = ", ".join(str(p) for p in outputs)
+    _, n, h, w, _ = frames.shape
+    print(f"wrote {names} ({n} frames, {w}x{h}, {args.fps:g} fps) on {device} in {progress.summary()}{peak}")
+    return EXIT_OK
+
+
+# -- parser and entry point -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import ASPECT_RATIOS, RESOLUTIONS
+
+    parser = argparse.ArgumentParser(
+        prog="turbowan", description="TurboWan2.2 image-to-video (TurboDiffusion) without ComfyUI.", allow_abbrev=False)
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the library's notices (mode chosen, ...)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,doctor,demo}")
+
+    # allow_abbrev=False: "--mode" must never be taken for "--models-dir"
+    g = sub.add_parser("generate", help="image + prompt -> video", allow_abbrev=False, description=(
+        "Generate a video from an image and a prompt with the two TurboWan2.2-I2V-A14B experts. Model files come "
+        "from the options or, by their usual names, from a ComfyUI models folder (--models-dir)."))
+    g.add_argument("--image", required=True, help="the first frame (png, jpg, ...)")
+    g.add_argument("--prompt", help="what happens in the video")
+    g.add_argument("--text-embedding", metavar="FILE",
+                   help="a saved umT5 embedding (.safetensors, [1, L, 4096]) instead of --prompt")
+    files = g.add_argument_group("model files (explicit paths win over --models-dir)")
+    files.add_argument("--models-dir", metavar="DIR", help="ComfyUI models folder (diffusion_models/, vae/, "
+                       "text_encoders/ or clip/), or one folder holding all the files")
+    for slot in MODEL_SLOTS:
+        files.add_argument(slot.option, dest=slot.key, metavar="FILE", help=f"{slot.what}, e.g. {slot.names[0]}")
+    files.add_argument("--tokenizer", metavar="FILE",
+                       help="spiece.model or tokenizer.json, for a text encoder file that does not embed one")
+    job = g.add_argument_group("video")
+    job.add_argument("--frames", type=int, default=81, help="frame count, 4n+1 (default 81)")
+    job.add_argument("--steps", type=int, default=4, help="sampling steps, 1-4 (default 4)")
+    job.add_argument("--resolution", default="720p", choices=list(RESOLUTIONS), help="size preset (default 720p)")
+    job.add_argument("--aspect-ratio", default="16:9", choices=list(ASPECT_RATIOS), help="(default 16:9)")
+    job.add_argument("--adaptive", action="store_true", help="keep the preset's area at the image's aspect ratio")
+    job.add_argument("--width", type=int, help="explicit width (multiple of 16; with --height)")
+    job.add_argument("--height", type=int, help="explicit height (multiple of 16; with --width)")
+    job.add_argument("--seed", type=int, default=0)
+    job.add_argument("--ode", action="store_true", help="deterministic ODE sampling (default: SDE, as recommended)")
+    job.add_argument("--sigma-max", type=float, default=200.0, help="initial sigma of rCM (default 200)")
+    job.add_argument("--boundary", type=float, default=0.9, help="flow time where the low-noise expert takes over")
+    job.add_argument("--samples", type=int, default=1, help="videos from one run (-o name gets -1, -2, ...)")
+    run = g.add_argument_group("how it runs")
+    run.add_argument("--attention", default="sla", choices=["sla", "sagesla", "original"], help="(default sla)")
+    run.add_argument("--sla-topk", type=float, default=0.1, help="fraction of key blocks SLA keeps (default 0.1)")
+    run.add_argument("--quant", default="w8a16", choices=["w8a16", "w8a8"],
+                     help="how int8 weights run: dequantized (w8a16) or int8 x int8 (w8a8)")
+    modes = _execution_modes()
+    if modes is not None:
+        run.add_argument("--mode", default="auto", choices=list(modes),
+                         help="where the expert weights live on CUDA (default auto; see `turbowan doctor`)")
+    run.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present; bf16 on a GPU, "
+                     "float32 on a CPU)")
+    out = g.add_argument_group("output")
+    out.add_argument("-o", "--output", default="out.mp4", help="mp4, webm or gif (default out.mp4)")
+    out.add_argument("--fps", type=float, default=16)
+    out.add_argument("--quality", type=int, default=8, help="0-10, 10 best (default 8)")
+
+    d = sub.add_parser("doctor", help="what will work on this machine", allow_abbrev=False, description=(
+        "Check the GPU, the libraries, which attention and int8 kernels work (each run on a tiny input and "
+        "compared with the PyTorch path), the model files, and the largest video each execution mode should fit."))
+    d.add_argument("--models-dir", metavar="DIR", help="ComfyUI models folder to check")
+    d.add_argument("--device", help="CUDA device to check (default cuda:0)")
+
+    m = sub.add_parser("demo", help="tiny random-weight run: does the install work?", allow_abbrev=False, description=(
+        "Run the whole pipeline on tiny built-in random weights and write a short video, in seconds on a CPU. "
+        "The video is noise-like by design: real videos need the released model files."))
+    m.add_argument("-o", "--output", default="turbowan-demo.mp4", help="(default turbowan-demo.mp4)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", default="cpu", help="(default cpu)")
+    return parser
+
+
+@contextlib.contextmanager
+def _library_notices(verbose: bool):
+    """While the command runs, print the library's notices above the bars (and its INFO lines with -v)."""
+    log = logging.getLogger("turbowan")
+    saved = (log.level, log.propagate)
+    handler = _TqdmLogHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.level, log.propagate = saved
+
+
+def _run(args, progress: StageProgress) -> int:
+    if args.command == "generate":
+        return cmd_generate(args, progress)
+    if args.command == "doctor":
+        from .doctor import run_doctor
+
+        return run_doctor(models_dir=args.models_dir, device=args.device)
+    from .demo import run_demo
+
+    return run_demo(args.output, seed=args.seed, device=args.device, progress=progress)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``turbowan`` and ``python -m turbowan``; returns the exit code."""
+    progress = StageProgress()
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        with _library_notices(args.verbose):
+            return _run(args, progress)
+    except BrokenPipeError:  # output piped into a reader that stopped early (`turbowan doctor | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush does not fail too
+        return EXIT_OK
+    except KeyboardInterrupt:
+        progress.close()
+        kept = f"; kept the finished {', '.join(map(str, progress.written))}" if progress.written else ""
+        print(f"interrupted: stopped, no partial video file left{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        progress.close()
+        if _is_user_error(exc):
+            message = " ".join(str(exc).split())  # one line, whatever the library put in it
+            print(f"error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Bad input or a model file that does not fit (ModelFileError is a ValueError); also out of GPU memory."""
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return True
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        exc.args = (f"out of GPU memory ({str(exc).splitlines()[0]}); try --mode stream, a smaller --resolution or "
+                    "fewer --frames (`turbowan doctor` estimates what fits)",)
+        return True
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

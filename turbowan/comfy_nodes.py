@@ -1,0 +1,467 @@
+"""ComfyUI nodes for TurboWan2.2 I2V: thin adapters between ComfyUI's types and `turbowan`'s pipeline.
+
+Node names, inputs and widget order follow the seed workflow (widget values are positional in saved
+workflows, so new inputs only ever go last):
+
+* TurboWanModelLoader       model_name, attention_type, sla_topk, execution_mode -> MODEL (one expert)
+* TurboWanVAELoader         vae_name -> VAE (ours; the stock VAELoader's Wan2.1 VAE works in the sampler too)
+* TurboDiffusionI2VSampler  experts, CONDITIONING, VAE, IMAGE + the seed's widgets -> frames, last_frame
+* TurboDiffusionSaveVideo   frames -> mp4 / webm / gif in ComfyUI's output folder, shown in the node
+* TurboWanLoadTextEmbedding a saved [L, 4096] umT5 embedding -> CONDITIONING (no text encoder needed)
+
+Memory, and why there is no ModelPatcher: the pipeline places the models itself (one expert at a time,
+or streamed block by block) and moves every model back to the CPU in a ``finally`` block, also on
+Cancel. So between runs nothing of ours sits on the GPU, and ComfyUI's accounting has nothing to track;
+what ComfyUI must do is make room *before* each of our loads. The pipeline's ``before_load(nbytes,
+device)`` hook is mapped to ``comfy.model_management.free_memory`` (weights plus an activation estimate
+for this video), which unloads ComfyUI's own models, e.g. the umT5 encoder CLIPTextEncode just used,
+until that much is free. Registering our experts as ModelPatchers would hand their placement to
+``load_models_gpu``, which would fight the pipeline's own moves (and its block streaming) and would
+still record them as loaded after the pipeline moved them off.
+
+Loading is lazy and cached: a loader reads its file when it first executes, and keeps the model for
+later runs, keyed by the file's identity (path, size, mtime) and the options; a changed file or option
+loads again and drops the stale copy. ``IS_CHANGED`` reports the file identity so that ComfyUI re-runs
+a loader whose file was replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import weakref
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from .checkpoint import file_identity
+from .models.dit import WanI2VDiT, load_dit
+from .models.vae import WanVAE, load_vae, vae_from_state_dict
+from .pipeline import ASPECT_RATIOS, RESOLUTIONS, generate_i2v, target_size
+from .placement import EXECUTION_MODES, FFN_CHUNK_TOKENS, activation_bytes
+from .video import FORMATS, write_video
+
+log = logging.getLogger("turbowan")
+
+CATEGORY = "video/turbodiffusion"
+ATTENTION_TYPES = ("sla", "sagesla", "original")
+TEXT_WIDTH = 4096  # umT5-xxl
+
+
+def model_dtype() -> torch.dtype:
+    """bf16 (the released experts' and the reference's compute dtype) on GPUs; float32 when ComfyUI runs on the
+    CPU (``--cpu``), where bf16 matmuls and convolutions are several times slower."""
+    return torch.float32 if mm.get_torch_device().type == "cpu" else torch.bfloat16
+
+
+class TurboWanError(Exception):
+    """A problem the user can fix; its message is the one sentence ComfyUI shows."""
+
+
+# ComfyUI titles its error dialog "<module>.<class>", and imports this package under its folder's path
+TurboWanError.__module__ = "turbowan"
+
+
+# -- model caches ------------------------------------------------------------------------------------------
+
+class _FileCache:
+    """Models by (file identity, options). Loading a file again with new contents or options drops the old copy,
+    so switching an option never keeps two 14B experts in RAM."""
+
+    def __init__(self):
+        self.entries: dict[tuple, object] = {}
+
+    def get(self, path: str, options: tuple, load):
+        identity = file_identity(path)
+        key = (identity, options)
+        if key not in self.entries:
+            for stale in [k for k in self.entries if k[0][0] == identity[0]]:
+                del self.entries[stale]
+            self.entries[key] = load()
+        return self.entries[key]
+
+
+_experts = _FileCache()
+_vaes = _FileCache()
+_stock_vae_copies: "weakref.WeakKeyDictionary[object, WanVAE]" = weakref.WeakKeyDictionary()
+
+
+def _identity_or_empty(folder: str, name: str):
+    path = folder_paths.get_full_path(folder, name)
+    return file_identity(path) if path else ""
+
+
+# -- loaders -----------------------------------------------------------------------------------------------
+
+class TurboWanModelLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (folder_paths.get_filename_list("diffusion_models"), {
+                    "tooltip": "A TurboWan2.2-I2V-A14B expert from models/diffusion_models "
+                               "(…-high-720P-quant.pth for the high-noise slot, …-low-… for the low-noise slot)."}),
+                "attention_type": (list(ATTENTION_TYPES), {
+                    "default": "sla",
+                    "tooltip": "sla: sparse-linear attention the models were distilled with (Triton kernel on CUDA). "
+                               "sagesla: SLA with int8 Q/K (Triton), falls back to sla where it cannot run. "
+                               "original: dense attention, slower."}),
+                "sla_topk": ("FLOAT", {
+                    "default": 0.1, "min": 0.01, "max": 1.0, "step": 0.01,
+                    "tooltip": "Fraction of key blocks each query block attends to exactly (sla / sagesla)."}),
+                "execution_mode": (list(EXECUTION_MODES), {
+                    "default": "auto",
+                    "tooltip": "Where the expert's weights live on the GPU (the high-noise loader's choice applies "
+                               "to the run). swap: one expert on the GPU at a time. stream: blocks copied in while "
+                               "the previous one computes (least VRAM). resident: both experts stay on the GPU. "
+                               "auto: the first that fits."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads one TurboWan2.2 I2V expert (read on first run, then kept for later runs)."
+
+    @classmethod
+    def IS_CHANGED(cls, model_name, **_):
+        return _identity_or_empty("diffusion_models", model_name)
+
+    def load(self, model_name, attention_type="sla", sla_topk=0.1, execution_mode="auto"):
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        if execution_mode not in EXECUTION_MODES:
+            raise TurboWanError(f"execution_mode must be one of {EXECUTION_MODES}, got {execution_mode!r}")
+        dtype = model_dtype()
+        options = (attention_type, float(sla_topk), dtype)
+        try:
+            model = _experts.get(path, options, lambda: load_dit(
+                path, attention=attention_type, sla_topk=sla_topk, device="cpu", dtype=dtype, mode=execution_mode))
+        except ValueError as exc:  # ModelFileError and bad options: one sentence for the dialog
+            raise TurboWanError(str(exc)) from None
+        model.execution_mode = execution_mode  # read by the pipeline at run time: switching it needs no reload
+        return (model,)
+
+
+class TurboWanVAELoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae_name": (folder_paths.get_filename_list("vae"), {
+                    "tooltip": "The Wan2.1 VAE from models/vae (wan_2.1_vae.safetensors or Wan2.1_VAE.pth)."}),
+            }
+        }
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads the Wan2.1 video VAE for the TurboDiffusion sampler."
+
+    @classmethod
+    def IS_CHANGED(cls, vae_name, **_):
+        return _identity_or_empty("vae", vae_name)
+
+    def load(self, vae_name):
+        path = folder_paths.get_full_path_or_raise("vae", vae_name)
+        try:
+            dtype = model_dtype()
+            vae = _vaes.get(path, (dtype,), lambda: load_vae(path, device="cpu", dtype=dtype))
+        except ValueError as exc:
+            raise TurboWanError(str(exc)) from None
+        return (vae,)
+
+
+class TurboWanLoadTextEmbedding:
+    """A prompt embedding saved as .safetensors (one [L, 4096] or [1, L, 4096] tensor) -> CONDITIONING."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folder = folder_paths.get_input_directory()
+        files = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+                       if f.endswith(".safetensors") and os.path.isfile(os.path.join(folder, f)))
+        return {
+            "required": {
+                "embedding": (files, {
+                    "tooltip": "A .safetensors file in ComfyUI's input folder holding one umT5-xxl prompt "
+                               "embedding, [tokens, 4096] (key 'text_embedding', or its only tensor)."}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a saved umT5-xxl prompt embedding instead of running a text encoder."
+
+    @classmethod
+    def IS_CHANGED(cls, embedding, **_):
+        path = os.path.join(folder_paths.get_input_directory(), embedding)
+        return file_identity(path) if os.path.isfile(path) else ""
+
+    def load(self, embedding):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder_paths.get_input_directory(), embedding)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise TurboWanError(f"{embedding} could not be read as a .safetensors file ({exc})") from None
+        if "text_embedding" in tensors:
+            emb = tensors["text_embedding"]
+        elif len(tensors) == 1:
+            emb = next(iter(tensors.values()))
+        else:
+            raise TurboWanError(
+                f"{embedding} holds {len(tensors)} tensors and none is named 'text_embedding'; "
+                "save the embedding under that key")
+        if emb.ndim == 2:
+            emb = emb[None]
+        if emb.ndim != 3 or emb.shape[0] != 1 or not emb.is_floating_point():
+            raise TurboWanError(
+                f"{embedding} holds a {tuple(emb.shape)} {emb.dtype} tensor; expected one prompt's float "
+                f"embedding of shape [tokens, {TEXT_WIDTH}]")
+        return ([[emb, {"pooled_output": None}]],)
+
+
+# -- sampler -----------------------------------------------------------------------------------------------
+
+def embedding_from_conditioning(conditioning) -> torch.Tensor:
+    """ComfyUI CONDITIONING ``[[tensor [1, L, D], {...}], ...]`` -> the one prompt's [1, L, D] tensor."""
+    if not isinstance(conditioning, (list, tuple)) or len(conditioning) == 0:
+        raise TurboWanError("the conditioning input is empty; connect CLIPTextEncode (with CLIPLoader type 'wan')")
+    if len(conditioning) > 1:
+        raise TurboWanError(
+            f"the conditioning holds {len(conditioning)} prompts (e.g. from Conditioning Combine), but TurboDiffusion "
+            "takes one; connect a single CLIPTextEncode")
+    cond = conditioning[0][0]
+    if not torch.is_tensor(cond) or cond.ndim != 3:
+        shape = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
+        raise TurboWanError(f"the conditioning holds {shape}, not a [1, tokens, {TEXT_WIDTH}] text embedding")
+    return cond
+
+
+def as_turbowan_vae(vae) -> WanVAE:
+    """Our WanVAE as is; the stock VAELoader's VAE (a Wan2.1 file) is rebuilt as our WanVAE from its weights.
+
+    The rebuild (a CPU copy in our compute dtype; no copy where dtype and device already match) happens once per
+    stock VAE object, which ComfyUI keeps while the loader's output is cached.
+    """
+    if isinstance(vae, WanVAE):
+        return vae
+    stock_model = getattr(vae, "first_stage_model", None)
+    if not isinstance(stock_model, torch.nn.Module):
+        raise TurboWanError(
+            f"the vae input is a {type(vae).__name__}; connect TurboWanVAELoader, or VAELoader with the Wan2.1 VAE")
+    copy = _stock_vae_copies.get(vae)
+    if copy is None:
+        try:
+            copy = vae_from_state_dict(stock_model.state_dict(), device="cpu", dtype=model_dtype(),
+                                       name="the VAE from VAELoader")
+        except ValueError as exc:
+            raise TurboWanError(str(exc)) from None
+        _stock_vae_copies[vae] = copy
+    return copy
+
+
+def _check_expert(model, slot: str) -> None:
+    if not isinstance(model, WanI2VDiT):
+        raise TurboWanError(
+            f"{slot} is a {type(model).__name__}, not a TurboWan expert; load it with TurboWanModelLoader")
+
+
+class ComfyProgress:
+    """The pipeline's ``progress(stage, done, total)`` -> one node progress bar over encode + sample + decode.
+
+    Called between units of work, it is also where Cancel lands: ComfyUI's interrupt flag raises
+    InterruptProcessingException here and the pipeline moves its models off the GPU on the way out.
+    """
+
+    STAGES = ("encode", "sample", "decode")
+
+    def __init__(self, expected: dict[str, int]):
+        self.totals = {s: int(expected.get(s, 0)) for s in self.STAGES}
+        self.done = {s: 0 for s in self.STAGES}
+        self.bar = comfy.utils.ProgressBar(sum(self.totals.values()))
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage in self.totals:
+            self.totals[stage], self.done[stage] = total, done
+            self.bar.update_absolute(sum(self.done.values()), sum(self.totals.values()))
+        mm.throw_exception_if_processing_interrupted()
+
+
+def make_before_load(working_bytes: int):
+    """``before_load(nbytes, device)`` for the pipeline: ask ComfyUI to free room for the weights + activations."""
+
+    def before_load(nbytes: int, device) -> None:
+        wanted = int(nbytes) + int(working_bytes)
+        mm.free_memory(wanted, device)
+        free = mm.get_free_memory(device)
+        if free < nbytes:
+            log.warning("turbowan: %.1f GiB free on %s for %.1f GiB of weights after ComfyUI unloaded what it could",
+                        free / 2**30, device, nbytes / 2**30)
+
+    return before_load
+
+
+class TurboDiffusionI2VSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "high_noise_model": ("MODEL", {"tooltip": "High-noise expert (…-high-…) from TurboWanModelLoader."}),
+                "low_noise_model": ("MODEL", {"tooltip": "Low-noise expert (…-low-…) from TurboWanModelLoader."}),
+                "conditioning": ("CONDITIONING", {
+                    "tooltip": "Prompt from CLIPTextEncode with CLIPLoader type 'wan' (umT5-xxl, 4096 wide)."}),
+                "vae": ("VAE", {"tooltip": "Wan2.1 VAE from TurboWanVAELoader or the stock VAELoader."}),
+                "image": ("IMAGE", {"tooltip": "The first frame of the video (one image)."}),
+                "num_frames": ("INT", {
+                    "default": 81, "min": 1, "max": 241, "step": 4,
+                    "tooltip": "Frames to generate; must be 4n+1 (81 = 5 s at 16 fps)."}),
+                "num_steps": ("INT", {
+                    "default": 4, "min": 1, "max": 4,
+                    "tooltip": "Sampling steps; the models were distilled for 1-4 (4 recommended)."}),
+                "resolution": (list(RESOLUTIONS), {
+                    "default": "720p", "tooltip": "Size preset (with aspect_ratio); 480 / 480p need less VRAM."}),
+                "aspect_ratio": (list(ASPECT_RATIOS), {"default": "16:9"}),
+                "boundary": ("FLOAT", {
+                    "default": 0.9, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "Flow time below which the low-noise expert takes over (0.9: two steps each)."}),
+                "sigma_max": ("FLOAT", {
+                    "default": 200.0, "min": 1.0, "max": 10000.0, "step": 1.0,
+                    "tooltip": "Initial noise level of rCM sampling."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "use_ode": ("BOOLEAN", {
+                    "default": False, "tooltip": "ODE sampling: sharper but less robust than the default SDE."}),
+                "adaptive_resolution": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Keep the preset's pixel count but follow the input image's aspect ratio."}),
+                "width": ("INT", {
+                    "default": 0, "min": 0, "max": 4096, "step": 16,
+                    "tooltip": "Explicit width (multiple of 16) with height; 0 uses the resolution preset."}),
+                "height": ("INT", {
+                    "default": 0, "min": 0, "max": 4096, "step": 16,
+                    "tooltip": "Explicit height (multiple of 16) with width; 0 uses the resolution preset."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("frames", "last_frame")
+    OUTPUT_TOOLTIPS = ("The video, [frames, height, width, 3].",
+                       "Its last frame, to start the next clip from.")
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "TurboDiffusion Wan2.2 image-to-video: encodes the image, samples with both experts, decodes."
+
+    def generate(self, high_noise_model, low_noise_model, conditioning, vae, image, num_frames, num_steps,
+                 resolution, aspect_ratio, boundary, sigma_max, seed, use_ode, adaptive_resolution=False, width=0, height=0):
+        _check_expert(high_noise_model, "high_noise_model")
+        _check_expert(low_noise_model, "low_noise_model")
+        text = embedding_from_conditioning(conditioning)
+        wan_vae = as_turbowan_vae(vae)
+        if image.ndim == 4 and image.shape[0] != 1:
+            raise TurboWanError(
+                f"the image input is a batch of {image.shape[0]} images; connect one (e.g. through ImageFromBatch)")
+
+        try:
+            size = {"width": width or None, "height": height or None}  # 0 = from the preset
+            w, h = target_size((image.shape[-2], image.shape[-3]), resolution, aspect_ratio, adaptive_resolution, **size)
+            latent_frames = 1 + max(0, num_frames - 1) // 4
+            tokens = latent_frames * (h // 16) * (w // 16)
+            config = high_noise_model.config
+            progress = ComfyProgress({"encode": latent_frames, "sample": num_steps, "decode": latent_frames})
+            frames = generate_i2v(
+                high_noise_model, low_noise_model, wan_vae, image, text,
+                num_frames=num_frames, num_steps=num_steps, resolution=resolution, aspect_ratio=aspect_ratio,
+                adaptive_resolution=adaptive_resolution, **size, boundary=boundary, sigma_max=sigma_max, seed=seed,
+                ode=use_ode, progress=progress, device=mm.get_torch_device(),
+                before_load=make_before_load(activation_bytes(tokens, config.dim, config.ffn_dim, FFN_CHUNK_TOKENS)),
+                one_expert_at_a_time=True,  # 'auto' never parks both experts on a GPU ComfyUI shares
+            )
+        except ValueError as exc:  # bad inputs (4n+1, conditioning width, swapped experts, ...): one sentence
+            raise TurboWanError(str(exc)) from None
+        finally:
+            mm.soft_empty_cache()
+        video = frames[0]  # [T, H, W, 3], float32 in [0, 1], CPU
+        return (video, video[-1:].clone())
+
+
+# -- saving ------------------------------------------------------------------------------------------------
+
+class TurboDiffusionSaveVideo:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "frames": ("IMAGE", {"tooltip": "The frames to save, e.g. the sampler's frames output."}),
+                "filename_prefix": ("STRING", {
+                    "default": "TurboDiffusion",
+                    "tooltip": "File name prefix inside ComfyUI's output folder; may contain subfolders and %date%-style "
+                               "variables."}),
+                "fps": ("INT", {
+                    "default": 16, "min": 1, "max": 120,
+                    "tooltip": "Frames per second; 16 is the TurboWan2.2 / Wan2.2 A14B models' native rate."}),
+                "format": (list(FORMATS), {
+                    "default": "mp4", "tooltip": "mp4: H.264 yuv420p. webm: VP9. gif: 256-colour palette per frame."}),
+                "quality": ("INT", {
+                    "default": 8, "min": 0, "max": 10,
+                    "tooltip": "0-10, higher is better and larger (mp4 8 = CRF 18, webm 8 = CRF 23)."}),
+                "loop": ("BOOLEAN", {"default": True, "tooltip": "GIF: play forever (on) or once (off)."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Saves frames as a video in ComfyUI's output folder and shows it in the node."
+
+    def save(self, frames, filename_prefix, fps, format, quality, loop, prompt=None, extra_pnginfo=None):
+        if frames.ndim != 4 or frames.shape[0] == 0:
+            raise TurboWanError(f"frames must be a non-empty IMAGE batch [frames, height, width, 3], got {tuple(frames.shape)}")
+        output_dir = folder_paths.get_output_directory()
+        try:
+            folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+                filename_prefix, output_dir, frames.shape[2], frames.shape[1])
+        except Exception as exc:
+            if type(exc) is not Exception:  # OSError etc.: not the prefix check
+                raise
+            raise TurboWanError(
+                f"filename_prefix {filename_prefix!r} points outside ComfyUI's output folder; "
+                "use a name or a subfolder inside it") from None
+        file = f"{name}_{counter:05}_.{format}"
+        metadata = None
+        if format != "gif":  # ComfyUI's convention: the prompt and the workflow JSON travel in the file
+            metadata = {}
+            if prompt is not None:
+                metadata["prompt"] = json.dumps(prompt)
+            for key, value in (extra_pnginfo or {}).items():
+                metadata[key] = json.dumps(value)
+        try:
+            write_video(frames, os.path.join(folder, file), fps=fps, format=format, quality=quality, loop=loop,
+                        metadata=metadata)
+        except ValueError as exc:
+            raise TurboWanError(str(exc)) from None
+        return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": (True,)}}
+
+
+NODE_CLASS_MAPPINGS = {
+    "TurboWanModelLoader": TurboWanModelLoader,
+    "TurboWanVAELoader": TurboWanVAELoader,
+    "TurboDiffusionI2VSampler": TurboDiffusionI2VSampler,
+    "TurboDiffusionSaveVideo": TurboDiffusionSaveVideo,
+    "TurboWanLoadTextEmbedding": TurboWanLoadTextEmbedding,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TurboWanModelLoader": "TurboWan Model Loader",
+    "TurboWanVAELoader": "TurboWan VAE Loader",
+    "TurboDiffusionI2VSampler": "TurboDiffusion I2V Sampler",
+    "TurboDiffusionSaveVideo": "TurboDiffusion Save Video",
+    "TurboWanLoadTextEmbedding": "TurboWan Load Text Embedding",
+}

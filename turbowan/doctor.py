@@ -1,0 +1,607 @@
+"""``turbowan doctor``: what will work on this machine, checked rather than guessed.
+
+Sections of the report:
+
+* machine: GPU(s) with free memory, host RAM, and the versions of torch, CUDA, cuDNN, Triton and PyAV;
+* kernels: every attention backend and int8 path is run on a tiny input and compared with the PyTorch path
+  (dense SDPA backends against an fp32 softmax; our Triton SLA / SageSLA against `turbowan.ops.sla`; the Triton
+  W8A8 layer against the exact emulation in `turbowan.ops.int8`); SpargeAttn is only checked for import;
+* model files: what is found in a ComfyUI models folder and whether each file is the right kind for its slot,
+  reading only the .safetensors header or a memory-mapped .pth (seconds, even for 14 GB files);
+* memory: per execution mode, the longest clip at 720p and 480p that should fit the free GPU memory, from
+  `estimate_peak_gb` (an estimate from measured anchors, not a measurement), with the command to run.
+
+Exit code 0 when nothing failed, 1 when a kernel disagrees with the PyTorch path or a file is in the wrong slot.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import platform
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+GB = 1e9
+
+# -- memory anchors ------------------------------------------------------------------------------------------
+# Measured on one H200 for this project (shared/notes/gpu-anchors.md): the reference TurboDiffusion's one-step
+# peak at 720p, 81 frames (75,600 tokens) with a bf16 expert resident is 36.2 GB; the bf16 expert is 28.6 GB,
+# so 7.6 GB are activations (about 100 KB per token). At 480p (32,760 tokens) it peaks at 30.8 GB, i.e. 2.2 GB
+# of activations, so the per-token figure is on the safe side below 720p.
+REF_PEAK_720P_GB = 36.2
+BF16_EXPERT_GB = 28.6
+INT8_EXPERT_GB = 14.5
+TOKENS_720P_81F = 75_600
+TOKENS_480P_81F = 32_760
+ACTIVATION_GB_PER_TOKEN = (REF_PEAK_720P_GB - BF16_EXPERT_GB) / TOKENS_720P_81F
+NON_BLOCK_GB = 0.46  # A14B patch/text/time embeddings, time projection and head, bf16 (232M parameters)
+EXPERT_BLOCKS = 40
+STREAM_BLOCKS_ON_GPU = 2  # the block computing and the one being copied in
+# The reference decodes 720p untiled at a 10.6 GB peak; our VAE tiles to fit, and is assumed to need about this:
+VAE_TILED_GB = 2.0
+CONTEXT_SLACK_GB = 0.5  # CUDA context and allocator slack on top of the allocated peak
+ALLOCATOR_FACTOR = 1.10  # reserved / allocated seen in practice
+
+MODES = ("resident", "swap", "stream")
+PRESETS = (("720p", 1280, 720), ("480p", 832, 480))
+FRAME_CHOICES = (81, 61, 49, 33, 17)
+
+
+def clip_tokens(width: int, height: int, frames: int) -> int:
+    """DiT tokens of one clip: latent frames (1 + (F-1)/4) x (H/16) x (W/16)."""
+    return (1 + (frames - 1) // 4) * (height // 16) * (width // 16)
+
+
+def estimate_peak_gb(mode: str, width: int, height: int, frames: int, expert_gb: float = INT8_EXPERT_GB,
+                     measured: Optional[dict] = None) -> float:
+    """Estimated peak GPU memory (GB allocated) of one ``turbowan generate`` run. An ESTIMATE, not a measurement.
+
+        peak     = max(sampling, VAE)
+        sampling = expert weights on the GPU + activations
+                   resident: both experts; swap: one expert; stream: the non-block weights + 2 of the 40 blocks
+        activations = tokens x (36.2 - 28.6) GB / 75,600 tokens   (the reference's measured 720p step; it
+                   over-estimates 480p by about 1 GB, and our chunked FFN only lowers it)
+        VAE      = about 2 GB: encode and decode run after/before the experts leave the GPU, tiled to fit
+
+    ``expert_gb`` is one expert's size (14.5 int8, 28.6 bf16). ``measured``: our own stream-mode peaks from
+    ``bench/results.json`` (``stream_peak_480p_gb``, ``stream_peak_720p_gb``, at 81 frames); when given, the stream
+    estimate is the straight line through them in tokens instead of the formula. The text encoder is not counted:
+    it runs before the experts load, on the GPU only when it fits there.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    tokens = clip_tokens(width, height, frames)
+    if mode == "stream" and measured and {"stream_peak_480p_gb", "stream_peak_720p_gb"} <= measured.keys():
+        lo, hi = float(measured["stream_peak_480p_gb"]), float(measured["stream_peak_720p_gb"])
+        slope = (hi - lo) / (TOKENS_720P_81F - TOKENS_480P_81F)
+        return max(VAE_TILED_GB, lo + slope * (tokens - TOKENS_480P_81F))
+    block_gb = (expert_gb - NON_BLOCK_GB) / EXPERT_BLOCKS
+    weights = {"resident": 2 * expert_gb, "swap": expert_gb,
+               "stream": NON_BLOCK_GB + STREAM_BLOCKS_ON_GPU * block_gb}[mode]
+    return max(weights + ACTIVATION_GB_PER_TOKEN * tokens, VAE_TILED_GB)
+
+
+def needed_free_gb(peak_gb: float) -> float:
+    """Free memory a run with this allocated peak needs: allocator slack and the CUDA context on top."""
+    return ALLOCATOR_FACTOR * peak_gb + CONTEXT_SLACK_GB
+
+
+def load_bench_results() -> Optional[dict]:
+    """bench/results.json of this checkout (our measured figures), if present."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    ok: Optional[bool]  # True works, False broken (counts as a failure), None not available here
+    detail: str
+
+    def line(self) -> str:
+        mark = {True: "ok  ", False: "FAIL", None: "--  "}[self.ok]
+        return f"  [{mark}] {self.name}: {self.detail}"
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _compare(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float, against: str) -> Check:
+    if not torch.isfinite(out).all():
+        return Check(name, False, f"non-finite output (compared with {against})")
+    err = _rel_err(out, ref)
+    exact = " (bit-exact)" if torch.equal(out.cpu(), ref.cpu().to(out.dtype)) else ""
+    return Check(name, err <= tol, f"relative error {err:.1e} vs {against} (tolerance {tol:.0e}){exact}")
+
+
+@contextmanager
+def _captured_notices():
+    """Collect the library's one-line notices (why a kernel is unavailable) instead of printing them."""
+    log = logging.getLogger("turbowan")
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    saved, saved_level, saved_propagate = log.handlers[:], log.level, log.propagate
+    log.handlers, log.propagate = [Collect()], False
+    log.setLevel(logging.WARNING)
+    try:
+        yield records
+    finally:
+        log.handlers, log.propagate = saved, saved_propagate
+        log.setLevel(saved_level)
+
+
+def _dispatch(getter) -> tuple[object, str]:
+    with _captured_notices() as notes:
+        fn = getter()
+    reason = notes[-1].replace("turbowan: ", "") if notes else "unavailable on this machine"
+    return fn, reason
+
+
+# -- machine -----------------------------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return None
+
+
+def _host_ram_gb() -> tuple[Optional[float], Optional[float]]:
+    """(total, available) host RAM in GB (Linux /proc/meminfo; None elsewhere)."""
+    try:
+        info = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+        return info["MemTotal"] / GB, info.get("MemAvailable", info["MemFree"]) / GB
+    except (OSError, KeyError, ValueError):
+        return None, None
+
+
+def machine_lines(device: Optional[torch.device]) -> list[str]:
+    import turbowan
+
+    triton = _version("triton")
+    if triton is not None:
+        try:
+            importlib.import_module("triton")
+        except Exception as exc:  # installed but broken
+            triton += f" (does not import: {type(exc).__name__})"
+    lines = [
+        f"  turbowan {turbowan.__version__}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda or 'none (CPU build)'}, "
+        f"cuDNN {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 'none'}, "
+        f"Triton {triton or 'not installed'}, PyAV {_version('av') or 'not installed'}",
+    ]
+    total, avail = _host_ram_gb()
+    if total is not None:
+        lines.append(f"  host RAM {total:.1f} GB, {avail:.1f} GB available; {torch.get_num_threads()} CPU threads")
+    if device is None:
+        lines.append("  GPU: none: no CUDA device is visible to torch")
+        return lines
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        free, total_b = torch.cuda.mem_get_info(i)
+        mark = "*" if i == device.index else " "
+        lines.append(f" {mark}GPU {i}: {p.name}, compute capability {p.major}.{p.minor}, "
+                     f"{total_b / GB:.1f} GB, {free / GB:.1f} GB free, bf16 {'yes' if p.major >= 8 else 'no'}")
+    return lines
+
+
+# -- kernels -----------------------------------------------------------------------------------------------------
+
+
+def check_dense_attention(device: torch.device) -> list[Check]:
+    """Each SDPA backend on a tiny bf16 input against an fp32 softmax computed step by step."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 128, generator=g) for _ in range(3))  # [B, H, L, D]
+    ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(128), dim=-1) @ v
+    qd, kd, vd = (t.to(device, torch.bfloat16) for t in (q, k, v))
+    if device.type != "cuda":
+        out = F.scaled_dot_product_attention(qd, kd, vd)
+        return [_compare("dense attention (PyTorch SDPA on CPU)", out, ref, 1e-2, "fp32 softmax")]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    checks = []
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH):
+        name = f"dense attention, SDPA {backend.name.lower().replace('_attention', '')}"
+        try:
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(qd, kd, vd)
+            torch.cuda.synchronize(device)
+        except RuntimeError as exc:
+            checks.append(Check(name, None, f"not available ({str(exc).splitlines()[0][:100]})"))
+            continue
+        checks.append(_compare(name, out, ref, 1e-2, "fp32 softmax"))
+    return checks
+
+
+def sla_test_inputs(device, dtype=torch.bfloat16, length: int = 1024, heads: int = 2, head_dim: int = 128):
+    """q, k, v [1, L, H, D] whose block means make SLA's top-k choice unambiguous (margin ~9 vs noise < 1),
+    so a kernel and the PyTorch path must select the same blocks; plus a small proj_l."""
+    g = torch.Generator().manual_seed(0)
+    nq, nk = length // 128, length // 64
+    k_mean = torch.zeros(nk, head_dim)
+    k_mean[torch.arange(nk), torch.arange(nk)] = 3.0  # key block j points along axis j
+    q_mean = torch.zeros(nq, head_dim)
+    for i in range(nq):  # each query block points at 4 of the 16 key blocks
+        q_mean[i, torch.randperm(nk, generator=g)[:4]] = 3.0
+    q = 0.5 * torch.randn(1, length, heads, head_dim, generator=g) + q_mean.repeat_interleave(128, 0)[None, :, None]
+    k = 0.5 * torch.randn(1, length, heads, head_dim, generator=g) + k_mean.repeat_interleave(64, 0)[None, :, None]
+    v = torch.randn(1, length, heads, head_dim, generator=g)
+    w = 0.1 * torch.randn(head_dim, head_dim, generator=g) / math.sqrt(head_dim)
+    b = torch.zeros(head_dim)
+    return [t.to(device, dtype) for t in (q, k, v, w, b)]
+
+
+SLA_TEST_TOPK = 0.25  # 4 of 16 key blocks, the ones the test inputs point at
+
+
+def sla_dense_restatement(q, k, v, w, b) -> torch.Tensor:
+    """SLA at topk 1 in fp32, written out: softmax(q k^T / sqrt(D)) v + proj_l(linear attention), where the
+    linear attention is phi(q) (phi(k)^T v) / (1e-5 + phi(q) . sum phi(k)) with phi = softmax over D."""
+    qh, kh, vh = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+    dense = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ vh
+    fq, fk = torch.softmax(qh, dim=-1), torch.softmax(kh, dim=-1)
+    linear = (fq @ (fk.transpose(-1, -2) @ vh)) / (1e-5 + fq @ fk.sum(dim=2, keepdim=True).transpose(-1, -2))
+    out = dense + F.linear(linear, w.float(), b.float())
+    return out.transpose(1, 2)
+
+
+def check_sla(device: torch.device) -> list[Check]:
+    from .kernels import sagesla_dispatch, sla_dispatch
+    from .ops.sla import sla_attention
+
+    q, k, v, w, b = sla_test_inputs(device)
+    ref = sla_attention(q, k, v, w, b, SLA_TEST_TOPK)
+    # with every key block kept, SLA is dense softmax attention plus the projected linear branch
+    checks = [_compare("sla, PyTorch path (all blocks kept)", sla_attention(q, k, v, w, b, 1.0),
+                       sla_dense_restatement(q, k, v, w, b), 1e-2, "an fp32 dense re-statement")]
+    for name, getter, tol in (("sla, our Triton kernel", sla_dispatch, 1e-2),
+                              ("sagesla, our Triton kernel (quantized Q/K and P.V)", sagesla_dispatch, 1e-1)):
+        if device.type != "cuda":
+            checks.append(Check(name, None, "needs a CUDA GPU (here the PyTorch path runs instead)"))
+            continue
+        fn, reason = _dispatch(getter)
+        if fn is None:
+            checks.append(Check(name, None, f"{reason}; the PyTorch path runs instead"))
+            continue
+        checks.append(try_kernel(name, fn, (q, k, v, w, b, SLA_TEST_TOPK), ref, tol, "the PyTorch sla"))
+    checks.append(check_spargeattn())
+    return checks
+
+
+def try_kernel(name: str, fn, args: tuple, ref: torch.Tensor, tol: float, against: str) -> Check:
+    """Run a fast kernel once; a crash is a failure, otherwise compare with the reference output."""
+    try:
+        out = fn(*args)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+    except ValueError as exc:  # the kernel refusing this GPU (e.g. no fp8 tensor cores): not available, not broken
+        return Check(name, None, f"not for this GPU: {str(exc).splitlines()[0][:140]}")
+    except Exception as exc:
+        return Check(name, False, f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+    return _compare(name, out, ref, tol, against)
+
+
+def check_spargeattn() -> Check:
+    name = "SpargeAttn (optional, package spas_sage_attn)"
+    if importlib.util.find_spec("spas_sage_attn") is None:
+        return Check(name, None, "not installed (not needed: turbowan's own kernels cover sla and sagesla)")
+    try:
+        importlib.import_module("spas_sage_attn")
+    except Exception as exc:
+        return Check(name, False, f"installed but does not import: {type(exc).__name__}: {str(exc)[:100]}")
+    return Check(name, True, f"imports (version {_version('spas_sage_attn') or 'unknown'})")
+
+
+def check_int8(device: torch.device) -> list[Check]:
+    """W8A8 (Triton on CUDA) against the exact emulation; W8A16 against an fp32 matmul of the same weights."""
+    from .kernels import int8_dispatch
+    from .ops.int8 import Int8Linear, dequantize_int8_blockwise, quantize_int8_blockwise, w8a8_linear_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 512, generator=g).to(torch.bfloat16)  # ragged M, as token counts are
+    weight = torch.randn(384, 512, generator=g) / math.sqrt(512)
+    w_q, w_s = quantize_int8_blockwise(weight)
+    bias = (0.1 * torch.randn(384, generator=g)).to(torch.bfloat16)
+    exact = w8a8_linear_reference(x, w_q, w_s, bias)  # on the CPU: the definition
+    w_float = dequantize_int8_blockwise(w_q, w_s, torch.float32)
+    dense = F.linear(x.float(), w_float, bias.float())
+    checks = []
+
+    layer = Int8Linear(512, 384, True, "w8a16")
+    layer.int8_weight, layer.scale, layer.bias = w_q, w_s, bias
+    checks.append(try_kernel(f"int8 W8A16 (dequantize + {device.type} matmul)", layer.to(device), (x.to(device),),
+                             dense, 1e-2, "fp32 matmul"))
+
+    name = "int8 W8A8, our Triton kernel"
+    if device.type != "cuda":
+        # the same int8 operands multiplied in fp32: differs only by accumulation order and the bf16 output
+        x_q, x_s = quantize_int8_blockwise(x.float())
+        operands = F.linear(dequantize_int8_blockwise(x_q, x_s, torch.float32), w_float, bias.float())
+        checks.append(_compare("int8 W8A8, exact emulation (what runs on CPU)", exact, operands, 1e-2,
+                               "an fp32 matmul of the same int8 operands"))
+        checks.append(Check(name, None, "needs a CUDA GPU"))
+        return checks
+    fn, reason = _dispatch(int8_dispatch)
+    if fn is None:
+        checks.append(Check(name, None, f"{reason}; W8A8 falls back to the slow exact emulation (use --quant w8a16)"))
+        return checks
+    args = (x.to(device), w_q.to(device), w_s.to(device), bias.to(device))
+    checks.append(try_kernel(name, fn, args, exact, 1e-2, "the exact emulation"))
+    return checks
+
+
+# -- model files -------------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors_header(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file as meta tensors (names, shapes, dtypes): reads the header only."""
+    from .checkpoint import ModelFileError
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelFileError(f"{path.name} is too small for a .safetensors file ({size} bytes); download it again")
+        n = struct.unpack("<Q", raw)[0]
+        if n > min(size - 8, 100 << 20):
+            raise ModelFileError(f"{path.name} has no valid .safetensors header; download it again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ModelFileError(f"{path.name} has a corrupt .safetensors header; download it again") from None
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ModelFileError(f"{path.name} is truncated ({size:,} of {8 + n + end:,} bytes); download it again")
+    return {name: torch.empty(v["shape"], dtype=_ST_DTYPES.get(v["dtype"], torch.uint8), device="meta")
+            for name, v in header.items()}
+
+
+def _tensor_names_and_shapes(path: Path) -> dict[str, torch.Tensor]:
+    from .checkpoint import read_state_dict, strip_prefixes
+
+    sd = read_safetensors_header(path) if path.suffix == ".safetensors" else read_state_dict(path)
+    return strip_prefixes(sd)
+
+
+def _role_from_name(path: Path) -> Optional[str]:
+    name = path.name.lower()
+    has_high, has_low = "high" in name, "low" in name
+    return "high" if has_high and not has_low else "low" if has_low and not has_high else None
+
+
+def inspect_model_file(path: Path, slot_key: str) -> Check:
+    """Is this file the right kind for its slot? Headers or memory-mapped tensors only."""
+    from .checkpoint import ModelFileError, describe_state_dict
+
+    size = path.stat().st_size
+    shown = f"{size / GB:.1f} GB" if size >= GB else f"{size / 1e6:.1f} MB"
+    label = f"{path.parent.name}/{path.name} ({shown})"
+    try:
+        sd = _tensor_names_and_shapes(path)
+    except ModelFileError as exc:
+        return Check(label, False, str(exc))
+    what = describe_state_dict(sd)
+    if slot_key in ("high", "low"):
+        return _inspect_dit(path, sd, what, slot_key, label)
+    if slot_key == "vae":
+        w = sd.get("encoder.conv1.weight")
+        if "decoder.middle.0.residual.0.gamma" in sd and "conv2.weight" in sd and w is not None:
+            z = sd["conv2.weight"].shape[0]
+            if z == 16 and w.shape[1] == 3:
+                size_note = "" if w.shape[0] == 96 else ", not the release size 96"
+                return Check(label, True, f"Wan2.1 VAE (base width {w.shape[0]}{size_note})")
+            if z == 48:
+                return Check(label, False, "the Wan2.2 VAE (TI2V-5B, 48 latent channels); these experts need the "
+                                           "Wan2.1 VAE")
+        return Check(label, False, f"looks like {what}; the VAE slot needs the Wan2.1 VAE")
+    return _inspect_text_encoder(path, sd, what, label)
+
+
+def _inspect_dit(path: Path, sd: dict, what: str, slot_key: str, label: str) -> Check:
+    from .checkpoint import ModelFileError, read_dit_checkpoint
+
+    if not what.startswith("a Wan2.2 image-to-video DiT"):
+        return Check(label, False, f"looks like {what}; the {slot_key}-noise slot needs a TurboWan2.2-I2V-A14B expert")
+    if path.suffix != ".safetensors":  # memory-mapped: cheap to check every tensor is there
+        try:
+            read_dit_checkpoint(path, slot=f"{slot_key}-noise expert")
+        except ModelFileError as exc:
+            return Check(label, False, str(exc))
+    dim = sd["patch_embedding.weight"].shape[0]
+    blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    quant = any(k.endswith(".int8_weight") for k in sd)
+    sla = any("proj_l" in k for k in sd)
+    size = "A14B" if (dim, blocks) == (5120, 40) else f"dim {dim}, {blocks} blocks: not the A14B size (a test model?)"
+    detail = f"Wan2.2 I2V expert, {size}, {'int8 (-quant)' if quant else 'bf16'}"
+    detail += ", SLA weights present" if sla else ", no SLA weights: only --attention original works"
+    role = _role_from_name(path)
+    if role is not None and role != slot_key:
+        return Check(label, False, f"{detail}, but its name says '{role}': it belongs in the {role}-noise slot")
+    return Check(label, True, detail)
+
+
+def _inspect_text_encoder(path: Path, sd: dict, what: str, label: str) -> Check:
+    embedding_keys = ("token_embedding.weight", "shared.weight", "encoder.embed_tokens.weight")
+    emb = next((sd[k] for k in embedding_keys if k in sd), None)
+    if emb is None or not what.startswith("a text encoder"):
+        return Check(label, False, f"looks like {what}; the text-encoder slot needs umT5-xxl")
+    vocab, width = emb.shape
+    if vocab < 250_000:
+        return Check(label, False, f"a T5-family encoder with a {vocab:,}-token vocabulary, not umT5-xxl (256,384; "
+                                   "Flux's t5xxl has 32,128)")
+    if width != 4096:
+        return Check(label, False, f"a umT5 encoder {width} wide; Wan needs the 4096-wide umT5-xxl")
+    # one-byte float weights (the header reader keeps unknown dtypes such as F8_E4M3 as uint8)
+    fp8 = any(t.element_size() == 1 and t.dtype != torch.int8 and k.endswith(".weight") and t.ndim == 2
+              for k, t in sd.items())
+    if "spiece_model" in sd:
+        tok = "tokenizer embedded"
+    elif any((path.parent / n).is_file() for n in ("spiece.model", "tokenizer.json", "google/umt5-xxl/spiece.model",
+                                                    "google/umt5-xxl/tokenizer.json")):
+        tok = "tokenizer found beside it"
+    else:
+        tok = "no tokenizer inside: pass --tokenizer spiece.model (or tokenizer.json)"
+    return Check(label, True, f"umT5-xxl{', fp8 (dequantized to bf16 at load)' if fp8 else ''}, {tok}")
+
+
+def model_file_lines(models_dir) -> tuple[list[str], list[Check], dict[str, list[Path]]]:
+    from .cli import MODEL_SLOTS, find_model_files
+
+    found = find_model_files(models_dir)
+    lines, checks = [], []
+    for slot in MODEL_SLOTS:
+        if not found[slot.key]:
+            where = ", ".join(f"{slot.folders[0]}/{n}" for n in slot.names[:2])
+            lines.append(f"  [--  ] {slot.what}: not found (looked for {where}, ...); download: {slot.download}")
+            continue
+        for i, path in enumerate(found[slot.key]):
+            check = inspect_model_file(path, slot.key)
+            check.name = f"{slot.what}{' (used)' if i == 0 else ' (other candidate)'}: {check.name}"
+            checks.append(check)
+            lines.append(check.line())
+    return lines, checks, found
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+
+
+def memory_lines(device: torch.device, found: dict[str, list[Path]], models_dir) -> list[str]:
+    free_gb = torch.cuda.mem_get_info(device)[0] / GB
+    expert_gb, kind = INT8_EXPERT_GB, "int8 -quant experts assumed"
+    if found.get("high") and found["high"][0].stat().st_size > GB:  # (smaller: a test model)
+        expert_gb = found["high"][0].stat().st_size / GB
+        kind = f"expert file {found['high'][0].name}"
+    bench = load_bench_results()
+    measured = bench if bench and "stream_peak_720p_gb" in bench else None
+    lines = [f"  {free_gb:.1f} GB free on {device}; one expert {expert_gb:.1f} GB ({kind})",
+             "  estimates, not measurements (formula: turbowan.doctor.estimate_peak_gb; a run needs 1.1 x peak "
+             "+ 0.5 GB free)"]
+    if measured:
+        lines.append(f"  stream estimates use our measured peaks from bench/results.json "
+                     f"({measured.get('card', 'card?')}, {measured.get('date', 'date?')})")
+    header = "  mode      " + "".join(f"{name} ({w}x{h})".ljust(30) for name, w, h in PRESETS)
+    lines.append(header)
+    best = None
+    for mode in MODES:
+        cells = []
+        for name, w, h in PRESETS:
+            fit = next((f for f in FRAME_CHOICES
+                        if needed_free_gb(estimate_peak_gb(mode, w, h, f, expert_gb, measured)) <= free_gb), None)
+            if fit is None:
+                smallest = estimate_peak_gb(mode, w, h, FRAME_CHOICES[-1], expert_gb, measured)
+                cells.append(f"no (17 frames ~{smallest:.1f} GB)")
+                continue
+            cells.append(f"{fit} frames, ~{estimate_peak_gb(mode, w, h, fit, expert_gb, measured):.1f} GB")
+            # the full 81 frames first, then the larger picture, then the longer clip; ties go to the faster mode
+            key = (fit != FRAME_CHOICES[0], PRESETS.index((name, w, h)), -fit)
+            if best is None or key < best[0]:
+                best = (key, mode, (name, w, h), fit)
+        lines.append(f"  {mode:<10}" + "".join(c.ljust(30) for c in cells))
+    if best is None:
+        lines.append("  nothing is expected to fit; free GPU memory (close other programs) or use a larger card")
+        return lines
+    from .cli import _execution_modes
+
+    _, mode, (name, _, _), frames = best
+    models = f"--models-dir {models_dir}" if models_dir else "--models-dir ComfyUI/models"
+    mode_option = f" --mode {mode}" if _execution_modes() else ""
+    lines.append(f"  suggested (fastest mode for the largest clip): turbowan generate {models} --image IMG "
+                 f"--prompt \"...\"{mode_option} --resolution {name} --frames {frames}")
+    if free_gb < 13.5:
+        lines.append("  the 11 GB text encoder will run on the CPU (slow once; each prompt's embedding is cached)")
+    return lines
+
+
+# -- entry point -------------------------------------------------------------------------------------------------
+
+
+def run_doctor(models_dir=None, device=None) -> int:
+    if device is not None:
+        from .cli import pick_device
+
+        dev = pick_device(device)
+    else:
+        dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    cuda = dev if dev.type == "cuda" else None
+    checks: list[Check] = []
+
+    print("machine")
+    for line in machine_lines(cuda):
+        print(line)
+    stream_720p = needed_free_gb(estimate_peak_gb("stream", 1280, 720, 81))
+    if cuda is None:
+        print(f"  No CUDA GPU here. The released 14B experts need an NVIDIA GPU (about {stream_720p:.0f} GB free for "
+              "720p,\n"
+              "  81 frames in stream mode, by the estimate below). On this machine use `turbowan demo` (tiny random\n"
+              "  weights, seconds) and the test suite (`pytest tests`); the CPU checks below still run.")
+
+    print(f"kernels (each run on a tiny input on {dev} and compared with the PyTorch path)")
+    for group in (check_dense_attention, check_sla, check_int8):
+        try:
+            results = group(dev)
+        except Exception as exc:  # a broken install should be reported, not crash the doctor
+            results = [Check(group.__name__.replace("check_", ""), False, f"{type(exc).__name__}: {exc}")]
+        for c in results:
+            print(c.line())
+        checks += results
+
+    found: dict[str, list[Path]] = {}
+    if models_dir is not None:
+        print(f"model files in {models_dir}")
+        lines, file_checks, found = model_file_lines(models_dir)
+        for line in lines:
+            print(line)
+        checks += file_checks
+    else:
+        print("model files: not checked (pass --models-dir ComfyUI/models)")
+
+    print("memory per execution mode")
+    if cuda is None:
+        print(f"  not applicable without a CUDA GPU; on a GPU, stream mode is estimated to need ~{stream_720p:.0f} GB "
+              "free for 720p, 81 frames")
+    else:
+        for line in memory_lines(cuda, found, models_dir):
+            print(line)
+
+    failed = [c for c in checks if c.ok is False]
+    if failed:
+        print(f"summary: {len(failed)} problem(s): " + "; ".join(c.name for c in failed))
+    else:
+        print("summary: no problems found ([--] marks what is not available here; the PyTorch path covers it)")
+    return 1 if failed else 0

@@ -1,0 +1,636 @@
+"""Wan2.1 video VAE (the tokenizer TurboDiffusion's Wan2.2-I2V-A14B uses), pure torch.
+
+Compression: 8x in height and width, 4x in time, 3 RGB channels <-> 16 latent channels:
+
+    video   [B, 3, 1 + 4k, H, W]  in [-1, 1]
+    latents [B, 16, 1 + k, H/8, W/8]  normalised with the fixed per-channel mean / std below
+
+Every temporal operation is causal. The first frame is coded on its own, later frames in chunks
+(4 video frames <-> 1 latent frame); each causal layer keeps the trailing frames it saw in the previous
+chunk in a `Cache` dict, so a long video is processed one chunk at a time with bounded memory and gives
+the same numbers as the reference (`rcm/tokenizers/wan2pt1.py`, run as `Wan2pt1VAEInterface`:
+weights and latent constants in the model dtype, no autocast).
+
+Module and parameter names follow the released `Wan2.1_VAE.pth`, so checkpoints load without renaming
+(ComfyUI's `wan_2.1_vae.safetensors` and its `comfy.ldm.wan.vae.WanVAE` state dict use the same names).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..progress import ProgressHook, report
+
+SPATIAL_COMPRESSION = 8
+TEMPORAL_COMPRESSION = 4
+Z_DIM = 16
+
+# Per-channel statistics of the Wan2.1 latent space (the values the model was trained with).
+LATENT_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]
+LATENT_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]
+
+# A layer -> the trailing input frames it saw in the previous chunk (absent before the first chunk).
+Cache = Dict[nn.Module, Optional[torch.Tensor]]
+
+# `tile` argument of encode/decode: None/False = whole frame, "auto" = from free GPU memory,
+# (tile_h, tile_w) = fixed tiles, in latent pixels.
+TileSpec = Union[None, bool, str, Tuple[int, int]]
+
+
+@dataclass
+class VAEConfig:
+    dim: int = 96  # channels of the first (full-resolution) stage
+    z_dim: int = Z_DIM
+    dim_mult: Tuple[int, ...] = (1, 2, 4, 4)  # channel multiplier per resolution stage
+    num_res_blocks: int = 2  # per encoder stage; the decoder has one more
+    temporal_downsample: Tuple[bool, ...] = (False, True, True)  # which 2x spatial downsamples also halve time
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D convolution that sees only the current and past frames.
+
+    Spatially it is "same"-padded; in time the input is prefixed with the last `kernel_t - 1` frames of
+    the previous chunk (zeros at the start of the video), so running a video chunk by chunk equals
+    running it whole with zero padding on the past side.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Tuple[int, int, int]]):
+        super().__init__(in_channels, out_channels, kernel_size)  # padding is applied in forward
+        self.past_frames = self.kernel_size[0] - 1
+        self.space_pad = self.kernel_size[1] // 2
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        p, n = self.space_pad, self.past_frames
+        # One buffer holding [past frames | x], zero-padded in space (a single copy of the activation).
+        stream = x.new_zeros(b, c, n + t, h + 2 * p, w + 2 * p)
+        past = cache.get(self)
+        if past is not None:
+            stream[:, :, :n, p : p + h, p : p + w] = past
+        stream[:, :, n:, p : p + h, p : p + w] = x
+        cache[self] = stream[:, :, t:, p : p + h, p : p + w].clone()  # the last n frames, for the next chunk
+        return super().forward(stream)
+
+
+class RMSNorm(nn.Module):
+    """x / ||x||_channels * sqrt(C) * gamma (gamma stored with trailing singleton dims, as released)."""
+
+    def __init__(self, dim: int, spatial_dims: int):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+def _frames_to_images(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B*T, C, H, W] for per-frame 2D layers."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def _images_to_frames(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B*T, C, H, W] -> [B, C, T, H, W] (a view)."""
+    return x.unflatten(0, (batch, -1)).transpose(1, 2)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, 3),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3),
+            RMSNorm(out_dim, 3),
+            nn.SiLU(),
+            nn.Identity(),  # dropout in training; kept so the checkpoint indices (…residual.6…) line up
+            CausalConv3d(out_dim, out_dim, 3),
+        )
+        self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        return _run(self.residual, x, cache) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention among the pixels of each frame (no mixing across frames)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, 2)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        qkv = self.to_qkv(self.norm(_frames_to_images(x)))  # [B*T, 3C, H, W]
+        # [B*T, 1 head, H*W tokens, 3C] -> q, k, v of [B*T, 1, H*W, C]
+        q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).contiguous().chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        # (attention + input, in this order: the sum takes the first operand's memory layout, and later
+        # channel reductions follow that layout, so this order keeps float results identical to the reference)
+        return _images_to_frames(out, b) + x
+
+
+class Downsample(nn.Module):
+    """2x spatial downsample (stride-2 conv); `temporal` also halves time (except for the first frame)."""
+
+    def __init__(self, dim: int, temporal: bool):
+        super().__init__()
+        # Pad right/bottom only, so an even size halves exactly.
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        x = _images_to_frames(self.resample(_frames_to_images(x)), x.shape[0])
+        if self.time_conv is None:
+            return x
+        # The first chunk (frame 0) passes through; each later chunk of 2n frames becomes n frames,
+        # each output seeing the frame before its pair (the last frame of the previous chunk first).
+        previous = cache.get(self)
+        cache[self] = x[:, :, -1:].clone()
+        if previous is None:
+            return x
+        return self.time_conv(torch.cat([previous, x], dim=2))
+
+
+class Upsample(nn.Module):
+    """2x spatial upsample (nearest + conv, halving channels); `temporal` also doubles time after frame 0."""
+
+    def __init__(self, dim: int, temporal: bool):
+        super().__init__()
+        self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        # Predicts two output frames (as 2*dim channels) per input frame.
+        self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1)) if temporal else None
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        if self.time_conv is not None:
+            if self in cache:
+                b, c, t, h, w = x.shape
+                x = self.time_conv(x, cache)  # [B, 2C, T, H, W]
+                # Interleave the two predictions: frame i -> frames 2i, 2i+1.
+                x = x.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+            else:
+                # Frame 0 is not doubled, and the time conv's history starts after it (zeros).
+                cache[self] = None
+        return _images_to_frames(self.resample(_frames_to_images(x)), x.shape[0])
+
+
+_CACHED_LAYERS = (CausalConv3d, ResidualBlock, Downsample, Upsample)
+
+
+def _run(layers, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, _CACHED_LAYERS) else layer(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder / decoder
+# ----------------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """[B, 3, T, H, W] -> [B, 2*z_dim, T', H/8, W/8]; T = 1 -> T' = 1, a later chunk of 4 frames -> 1."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3)
+        blocks: List[nn.Module] = []
+        for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if stage < len(cfg.dim_mult) - 1:
+                blocks.append(Downsample(out_dim, temporal=cfg.temporal_downsample[stage]))
+        self.downsamples = nn.ModuleList(blocks)
+        mid = dims[-1]
+        self.middle = nn.ModuleList([ResidualBlock(mid, mid), AttentionBlock(mid), ResidualBlock(mid, mid)])
+        self.head = nn.Sequential(RMSNorm(mid, 3), nn.SiLU(), CausalConv3d(mid, cfg.z_dim * 2, 3))
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.downsamples, x, cache)
+        x = _run(self.middle, x, cache)
+        return _run(self.head, x, cache)
+
+
+class Decoder(nn.Module):
+    """[B, z_dim, 1, h, w] -> [B, 3, 1 or 4, 8h, 8w]: latent frame 0 gives 1 frame, each later one 4."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
+        temporal_upsample = tuple(reversed(cfg.temporal_downsample))
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3)
+        self.middle = nn.ModuleList([ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0])])
+        blocks: List[nn.Module] = []
+        for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if stage > 0:
+                in_dim //= 2  # the previous stage's Upsample halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if stage < len(cfg.dim_mult) - 1:
+                blocks.append(Upsample(out_dim, temporal=temporal_upsample[stage]))
+        self.upsamples = nn.ModuleList(blocks)
+        self.head = nn.Sequential(RMSNorm(dims[-1], 3), nn.SiLU(), CausalConv3d(dims[-1], 3, 3))
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.middle, x, cache)
+        x = _run(self.upsamples, x, cache)
+        return _run(self.head, x, cache)
+
+
+class WanVAEModel(nn.Module):
+    """The network: encoder + 1x1x1 latent projections + decoder (names as in the checkpoint)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.conv1 = nn.Conv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)  # -> (mean, log-variance); we keep the mean
+        self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spatial tiling (memory): tiles on the latent grid, decoded/encoded independently, linearly blended
+# ----------------------------------------------------------------------------------------------
+
+MIN_AUTO_TILE = 16  # latent pixels (128 video pixels); smaller tiles cost more in overlap than they save
+# Peak bytes of live activations, caches included, per video pixel of one frame and per byte of the dtype,
+# for the released width (dim 96), batch 1. Measured by tracking every tensor allocation of a decode
+# (one latent frame -> 4 video frames) / an encode (4-frame chunks) on the meta device: 4300 / 3750,
+# the same within 1% from 64x64 to 1280x720. x1.4 margin for conv workspaces and allocator fragmentation.
+ACTIVATION_BYTES_PER_PIXEL = {"decode": 4300 * 1.4, "encode": 3750 * 1.4}
+
+
+def _tile_overlap(tile: int) -> int:
+    return min(8, tile // 4)
+
+
+def _tile_spans(size: int, tile: int) -> List[Tuple[int, int]]:
+    """[start, end) intervals of length `tile` covering [0, size), neighbours sharing >= the overlap."""
+    if tile >= size:
+        return [(0, size)]
+    overlap = _tile_overlap(tile)
+    count = math.ceil((size - overlap) / (tile - overlap))
+    # Spread the starts evenly (integer steps of at most tile - overlap) so every seam overlaps alike.
+    starts = [i * (size - tile) // (count - 1) for i in range(count)]
+    return [(start, start + tile) for start in starts]
+
+
+def _blend_weights(spans: List[Tuple[int, int]], index: int, scale: int) -> torch.Tensor:
+    """1D weights (in output pixels) of tile `index`: 1 inside, linear ramps across overlaps with neighbours."""
+    start, end = spans[index]
+    length = (end - start) * scale
+    position = torch.arange(length, dtype=torch.float32)
+    weights = torch.ones(length, dtype=torch.float32)
+    if index > 0:  # rises across the overlap with the previous tile
+        ramp = (spans[index - 1][1] - start) * scale
+        weights = torch.minimum(weights, (position + 1) / (ramp + 1))
+    if index < len(spans) - 1:  # falls across the overlap with the next tile
+        ramp = (end - spans[index + 1][0]) * scale
+        weights = torch.minimum(weights, (length - position) / (ramp + 1))
+    return weights
+
+
+def _tile_count(grid: Tuple[int, int], tile: Tuple[int, int]) -> int:
+    return len(_tile_spans(grid[0], tile[0])) * len(_tile_spans(grid[1], tile[1]))
+
+
+def _tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    grid: Tuple[int, int],
+    tile: Tuple[int, int],
+    in_scale: int,
+    out_scale: int,
+) -> torch.Tensor:
+    """Apply `fn` to overlapping spatial tiles of `x` and blend the results.
+
+    Tiles are laid on a `grid` (latent pixels); `x` has `in_scale` pixels per grid cell, `fn`'s output
+    `out_scale`. Neighbouring tiles overlap by 1/4 of the tile (at most 8 latent pixels). Each output
+    pixel is the weight-normalised sum of the tiles covering it, accumulated in float32; with a single
+    tile the result equals `fn(x)` exactly.
+    """
+    spans_y, spans_x = _tile_spans(grid[0], tile[0]), _tile_spans(grid[1], tile[1])
+    weight_sum = torch.zeros(grid[0] * out_scale, grid[1] * out_scale, dtype=torch.float32, device=x.device)
+    acc = None
+    for iy, (y0, y1) in enumerate(spans_y):
+        for ix, (x0, x1) in enumerate(spans_x):
+            out = fn(x[..., y0 * in_scale : y1 * in_scale, x0 * in_scale : x1 * in_scale])
+            if acc is None:
+                acc = torch.zeros(*out.shape[:-2], *weight_sum.shape, dtype=torch.float32, device=x.device)
+                out_dtype = out.dtype
+            w = _blend_weights(spans_y, iy, out_scale)[:, None] * _blend_weights(spans_x, ix, out_scale)[None, :]
+            w = w.to(x.device)
+            region = (..., slice(y0 * out_scale, y1 * out_scale), slice(x0 * out_scale, x1 * out_scale))
+            acc[region].addcmul_(out, w)
+            weight_sum[region] += w
+            del out
+    return acc.div_(weight_sum).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public wrapper
+# ----------------------------------------------------------------------------------------------
+
+
+class WanVAE:
+    """Wan2.1 VAE ready to use: weights, dtype, device, latent normalisation, chunked encode/decode.
+
+    `encode` returns float32 latents (the reference interface returns the input's dtype, and the
+    pipeline feeds it float32 video); `decode` returns video in the model dtype, not clamped.
+    """
+
+    spatial_compression = SPATIAL_COMPRESSION
+    temporal_compression = TEMPORAL_COMPRESSION
+    z_dim = Z_DIM
+
+    def __init__(self, model: WanVAEModel):
+        self.model = model.eval().requires_grad_(False)
+        self._set_constants()
+
+    def _set_constants(self) -> None:
+        # Built in the model dtype, and 1/std computed in it, exactly as the reference does.
+        self.latent_mean = torch.tensor(LATENT_MEAN, dtype=self.dtype, device=self.device).view(1, Z_DIM, 1, 1, 1)
+        self.latent_inv_std = (1.0 / torch.tensor(LATENT_STD, dtype=self.dtype, device=self.device)).view(1, Z_DIM, 1, 1, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.conv2.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.conv2.weight.dtype
+
+    def to(self, device: Union[str, torch.device]) -> "WanVAE":
+        self.model.to(device)
+        self.latent_mean = self.latent_mean.to(device)
+        self.latent_inv_std = self.latent_inv_std.to(device)
+        return self
+
+    # -- encode ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, progress: Optional[ProgressHook] = None, tile: TileSpec = None) -> torch.Tensor:
+        """video [B, 3, 1+4k, H, W] in [-1, 1] -> normalised latents [B, 16, 1+k, H/8, W/8], float32.
+
+        The hook gets ("encode", done, total) after each temporal chunk (frame 0, then 4 frames at a time).
+        """
+        _check_video(video)
+        b, _, frames, height, width = video.shape
+        grid = (height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+        video = video.to(device=self.device, dtype=self.dtype)
+        chunks = 1 + (frames - 1) // TEMPORAL_COMPRESSION
+        tile = self._resolve_tile(tile, "encode", grid, b, frames)
+        done = 0
+
+        def encode_region(region: torch.Tensor) -> torch.Tensor:
+            nonlocal done
+            cache: Cache = {}
+            latents = []
+            for i in range(chunks):
+                start = 0 if i == 0 else 1 + TEMPORAL_COMPRESSION * (i - 1)
+                latents.append(self.model.encoder(region[:, :, start : 1 + TEMPORAL_COMPRESSION * i], cache))
+                done += 1
+                report(progress, "encode", done, total)
+            mean = self.model.conv1(torch.cat(latents, dim=2))[:, :Z_DIM]
+            return (mean - self.latent_mean) * self.latent_inv_std
+
+        if tile is None:
+            total = chunks
+            latents = encode_region(video)
+        else:
+            total = chunks * _tile_count(grid, tile)
+            latents = _tiled(encode_region, video, grid, tile, in_scale=SPATIAL_COMPRESSION, out_scale=1)
+        return latents.float()
+
+    # -- decode ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, progress: Optional[ProgressHook] = None, tile: TileSpec = None) -> torch.Tensor:
+        """normalised latents [B, 16, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] in the model dtype (not clamped).
+
+        The hook gets ("decode", done, total) after each decoded latent frame (per tile when tiled).
+        """
+        if latents.ndim != 5 or latents.shape[1] != Z_DIM:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; the Wan2.1 VAE decodes [B, {Z_DIM}, T, H, W]")
+        b, _, steps, h, w = latents.shape
+        z = latents.to(device=self.device, dtype=self.dtype)
+        tile = self._resolve_tile(tile, "decode", (h, w), b, 1 + TEMPORAL_COMPRESSION * (steps - 1))
+        done = 0
+
+        def decode_region(z: torch.Tensor) -> torch.Tensor:
+            nonlocal done
+            zh, zw = z.shape[-2:]
+            x = self.model.conv2(z / self.latent_inv_std + self.latent_mean)
+            video = torch.empty(b, 3, 1 + TEMPORAL_COMPRESSION * (steps - 1), zh * SPATIAL_COMPRESSION, zw * SPATIAL_COMPRESSION, dtype=self.dtype, device=self.device)
+            cache: Cache = {}
+            for i in range(steps):
+                start = 0 if i == 0 else 1 + TEMPORAL_COMPRESSION * (i - 1)
+                frames = self.model.decoder(x[:, :, i : i + 1], cache)
+                video[:, :, start : start + frames.shape[2]] = frames
+                del frames
+                done += 1
+                report(progress, "decode", done, total)
+            return video
+
+        if tile is None:
+            total = steps
+            return decode_region(z)
+        total = steps * _tile_count((h, w), tile)
+        return _tiled(decode_region, z, (h, w), tile, in_scale=1, out_scale=SPATIAL_COMPRESSION)
+
+    # -- tiling ---------------------------------------------------------------------------------
+
+    def _resolve_tile(self, tile: TileSpec, stage: str, grid: Tuple[int, int], batch: int, frames: int) -> Optional[Tuple[int, int]]:
+        """None (whole frame) or a (tile_h, tile_w) in latent pixels."""
+        if tile is None or tile is False:
+            return None
+        if isinstance(tile, str) and tile == "auto":
+            return self.auto_tile(stage, grid, batch, frames)
+        if (
+            isinstance(tile, (tuple, list))
+            and len(tile) == 2
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 2 for t in tile)
+        ):
+            return (min(tile[0], grid[0]), min(tile[1], grid[1]))
+        raise ValueError(f"tile={tile!r} is not understood; use None or False (no tiling), 'auto', or (tile_h, tile_w) in latent pixels (each >= 2)")
+
+    def estimate_activations(self, stage: str, region: Tuple[int, int], batch: int = 1) -> int:
+        """Estimated peak activation bytes to `stage` ("encode"/"decode") a region of latent pixels."""
+        pixels = region[0] * region[1] * SPATIAL_COMPRESSION**2
+        per_pixel = ACTIVATION_BYTES_PER_PIXEL[stage] * self.model.cfg.dim / 96  # activations scale with width
+        return int(per_pixel * batch * pixels * _dtype_size(self.dtype))
+
+    def memory_needed(self, stage: str, grid: Tuple[int, int], tile: Optional[Tuple[int, int]], batch: int = 1, frames: int = 1) -> int:
+        """Estimated peak bytes to process a `grid` of latent pixels in `tile`s (None: whole frame).
+
+        `frames` is the video frame count; decoding also holds the output video and, when tiled,
+        a float32 blend accumulator of the same size.
+        """
+        need = self.estimate_activations(stage, grid if tile is None else tile, batch)
+        if stage == "decode":
+            video_values = batch * 3 * frames * grid[0] * grid[1] * SPATIAL_COMPRESSION**2
+            need += video_values * (_dtype_size(self.dtype) + (0 if tile is None else 4))
+        return need
+
+    def tile_for_budget(self, stage: str, grid: Tuple[int, int], budget: float, batch: int = 1, frames: int = 1) -> Optional[Tuple[int, int]]:
+        """None if the whole frame fits `budget` bytes, else the largest square tile that does
+        (at least MIN_AUTO_TILE latent pixels, even if that does not fit)."""
+        if self.memory_needed(stage, grid, None, batch, frames) <= budget:
+            return None
+        side = max(grid)
+        while side > MIN_AUTO_TILE and self.memory_needed(stage, grid, (min(side, grid[0]), min(side, grid[1])), batch, frames) > budget:
+            side -= 4
+        side = max(side, MIN_AUTO_TILE)
+        return (min(side, grid[0]), min(side, grid[1]))
+
+    def auto_tile(self, stage: str, grid: Tuple[int, int], batch: int = 1, frames: int = 1) -> Optional[Tuple[int, int]]:
+        """`tile_for_budget` with 90% of the free CUDA memory; None (no tiling) on CPU."""
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # Memory PyTorch holds in its cache but does not use is also available.
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return self.tile_for_budget(stage, grid, 0.9 * free, batch, frames)
+
+
+def _dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_video(video: torch.Tensor) -> None:
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"video has shape {tuple(video.shape)}; the Wan2.1 VAE encodes RGB video [B, 3, F, H, W]")
+    frames, height, width = video.shape[2:]
+    if frames < 1 or (frames - 1) % TEMPORAL_COMPRESSION:
+        lower = 1 + TEMPORAL_COMPRESSION * max(0, (frames - 1) // TEMPORAL_COMPRESSION)
+        raise ValueError(
+            f"video has {frames} frames; the Wan2.1 VAE needs 1 + 4k frames, so use {lower} or {lower + TEMPORAL_COMPRESSION}"
+        )
+    if height % SPATIAL_COMPRESSION or width % SPATIAL_COMPRESSION:
+        s = SPATIAL_COMPRESSION
+        raise ValueError(
+            f"video is {height}x{width} pixels; height and width must be multiples of {s}, e.g. crop to {height // s * s}x{width // s * s}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+_WAN_VAE_KEY = "decoder.middle.0.residual.0.gamma"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _describe_foreign(state_dict: Dict[str, torch.Tensor]) -> str:
+    """What a state dict that is not a Wan2.1 VAE looks like, as a sentence fragment."""
+    keys = state_dict.keys()
+    has = lambda fragment: any(fragment in k for k in keys)  # noqa: E731
+    if _WAN_VAE_KEY in keys:
+        if "decoder.upsamples.0.upsamples.0.residual.2.weight" in keys or state_dict.get("conv2.weight", torch.empty(0)).shape[:1] == (48,):
+            return "looks like a Wan2.2 VAE (z_dim 48, used by the TI2V-5B model)"
+        z = state_dict["conv2.weight"].shape[0] if "conv2.weight" in keys else "unknown"
+        return f"looks like a Wan-family VAE with z_dim {z}"
+    if has("patch_embedding") or has("self_attn.q") or has("head.modulation"):
+        return "looks like a Wan diffusion model (DiT) checkpoint"
+    if "token_embedding.weight" in keys or "shared.weight" in keys or has("encoder.block.0.layer"):
+        return "looks like a T5/umT5 text encoder"
+    if has("decoder.conv_in") or has("decoder.mid_block") or has("decoder.up_blocks"):
+        return "looks like an image VAE or a diffusers-format VAE"
+    return f"does not contain the Wan2.1 VAE tensors (no '{_WAN_VAE_KEY}'; {len(state_dict)} tensors)"
+
+
+def vae_from_state_dict(
+    state_dict: Dict[str, torch.Tensor],
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: torch.dtype = torch.bfloat16,
+    name: str = "the state dict",
+) -> WanVAE:
+    """Build a WanVAE from a `Wan2.1_VAE.pth`-layout state dict (also ComfyUI's VAE `first_stage_model.state_dict()`).
+
+    The base width is read from `encoder.conv1.weight` (96 for the release); tensors are cast to `dtype`
+    and moved to `device` (default: cuda if available, else cpu).
+    """
+    expected = "the Wan2.1 VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors, z_dim 16)"
+    if _WAN_VAE_KEY not in state_dict or "conv2.weight" not in state_dict or "encoder.conv1.weight" not in state_dict:
+        raise ValueError(f"{name} {_describe_foreign(state_dict)}; expected {expected}")
+    z_dim = state_dict["conv2.weight"].shape[0]
+    in_channels = state_dict["encoder.conv1.weight"].shape[1]
+    if z_dim != Z_DIM or in_channels != 3:
+        raise ValueError(f"{name} {_describe_foreign(state_dict)}; expected {expected}")
+    cfg = VAEConfig(dim=state_dict["encoder.conv1.weight"].shape[0])
+    with torch.device("meta"):
+        model = WanVAEModel(cfg)
+    wanted = model.state_dict()
+    missing = sorted(set(wanted) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(wanted))
+    if missing or unexpected:
+        raise ValueError(
+            f"{name} has a Wan VAE layout but not the Wan2.1 one (missing {missing[:3]}, unexpected {unexpected[:3]}); expected {expected}"
+        )
+    for key, tensor in wanted.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: '{key}' has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)} for {expected}")
+        if state_dict[key].is_meta:
+            raise ValueError(f"{name}: '{key}' holds no data (meta tensor); pass a state dict with loaded weights")
+    device = torch.device(device) if device is not None else _default_device()
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
+    return WanVAE(model)
+
+
+def load_vae(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.bfloat16) -> WanVAE:
+    """Load `Wan2.1_VAE.pth` (torch zip, weights only) or ComfyUI's `wan_2.1_vae.safetensors` (fp32/fp16/bf16)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VAE file {path} does not exist; put Wan2.1_VAE.pth or wan_2.1_vae.safetensors there")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(path), device="cpu")
+        else:
+            try:
+                state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # Saved in torch's legacy (pre-zip) format, which cannot be memory-mapped.
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # unreadable (permissions, I/O): not a statement about the file's content
+    except Exception as exc:  # the loaders raise many exception types for a damaged file
+        if "weights only" in str(exc).lower():
+            raise ValueError(f"{path.name} contains pickled Python objects, not just tensors; use the plain Wan2.1_VAE.pth or wan_2.1_vae.safetensors") from exc
+        raise ValueError(f"{path.name} looks truncated or corrupt; re-download it") from exc
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path.name} is not a plain tensor state dict; expected the Wan2.1 VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)")
+    return vae_from_state_dict(state_dict, device=device, dtype=dtype, name=path.name)

@@ -119,6 +119,12 @@ class TurboWanModelLoader:
                                "to the run). swap: one expert on the GPU at a time. stream: blocks copied in while "
                                "the previous one computes (least VRAM). resident: both experts stay on the GPU. "
                                "auto: the first that fits."}),
+                "int8_compute": (["w8a16", "w8a8"], {
+                    "default": "w8a16",
+                    "tooltip": "For -quant (int8) files. w8a16: weights dequantized to bf16, works everywhere. "
+                               "w8a8: int8 activations too, the reference's numerics; about 1.3x faster linear "
+                               "layers on H100/H200 with Triton (falls back to an exact but slow emulation "
+                               "without it). A bf16 file with w8a8 is quantized at load."}),
             }
         }
 
@@ -131,15 +137,16 @@ class TurboWanModelLoader:
     def IS_CHANGED(cls, model_name, **_):
         return _identity_or_empty("diffusion_models", model_name)
 
-    def load(self, model_name, attention_type="sla", sla_topk=0.1, execution_mode="auto"):
+    def load(self, model_name, attention_type="sla", sla_topk=0.1, execution_mode="auto", int8_compute="w8a16"):
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         if execution_mode not in EXECUTION_MODES:
             raise TurboWanError(f"execution_mode must be one of {EXECUTION_MODES}, got {execution_mode!r}")
         dtype = model_dtype()
-        options = (attention_type, float(sla_topk), dtype)
+        options = (attention_type, float(sla_topk), dtype, int8_compute)
         try:
             model = _experts.get(path, options, lambda: load_dit(
-                path, attention=attention_type, sla_topk=sla_topk, device="cpu", dtype=dtype, mode=execution_mode))
+                path, attention=attention_type, sla_topk=sla_topk, quant=int8_compute, device="cpu", dtype=dtype,
+                mode=execution_mode))
         except ValueError as exc:  # ModelFileError and bad options: one sentence for the dialog
             raise TurboWanError(str(exc)) from None
         model.execution_mode = execution_mode  # read by the pipeline at run time: switching it needs no reload

@@ -18,7 +18,7 @@ def _load(module: str, attr: str):
     try:
         mod = importlib.import_module(f".{module}", __name__)
         fn = getattr(mod, attr)
-        ok = getattr(mod, "available", lambda: True)()
+        ok = (getattr(mod, "available", None) or getattr(mod, "triton_available"))()
     except Exception as exc:  # ImportError for triton, or a kernel module not present yet
         log.warning("turbowan: %s unavailable (%s: %s); using the PyTorch path", module, type(exc).__name__, exc)
         return None

@@ -4,8 +4,9 @@ Kinds (the loader's ``attention_type``):
   * ``"original"`` - dense scaled-dot-product attention (cuDNN / flash on GPU when available).
   * ``"sla"``      - sparse-linear attention with the reference semantics (`turbowan.ops.sla`); on CUDA the
                      Triton kernel runs it, elsewhere the pure-PyTorch implementation.
-  * ``"sagesla"``  - SLA with int8 Q/K: our Triton kernel on CUDA; SpargeAttn's when the user installed it and
-                     asked for it (``"sagesla-spargeattn"``); otherwise a one-line notice and the ``"sla"`` path.
+  * ``"sagesla"``  - SLA with int8 Q/K (and fp8 P.V on cards that have it): our Triton kernel on CUDA with
+                     bf16/fp16 inputs on compute capability 8.0+; otherwise a one-line notice and the ``"sla"``
+                     path. (SpargeAttn is not needed and not used.)
 
 All take q, k, v as [B, L, H, D] and return [B, L, H, D].
 """
@@ -55,6 +56,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 @functools.lru_cache(maxsize=None)
+def _has_int8_cores(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
 def _notice_once(message: str) -> None:
     log.warning(message)
 
@@ -75,12 +81,14 @@ def self_attention(
     if proj_l is None:
         raise ValueError(f"attention_type {kind!r} needs the SLA proj_l weights, which this model does not have")
     w, b = proj_l.weight, proj_l.bias
-    if q.is_cuda:
+    d = q.shape[-1]
+    if q.is_cuda and d >= 16 and d & (d - 1) == 0:  # the Triton kernels take power-of-two head dims
         if kind == "sagesla":
             fast = sagesla_dispatch()
-            if fast is not None:
+            if fast is not None and q.dtype in (torch.bfloat16, torch.float16) and _has_int8_cores(q.device):
                 return fast(q, k, v, w, b, topk)
-            _notice_once("turbowan: sagesla kernel unavailable here; running sla instead")
+            _notice_once("turbowan: sagesla needs our Triton kernel, bf16/fp16 and a compute capability 8.0+ GPU; "
+                         "running sla instead")
         fast = sla_dispatch()
         if fast is not None:
             return fast(q, k, v, w, b, topk)

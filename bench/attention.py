@@ -17,7 +17,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import statistics
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """rCM flow times, the expert switch and the whole dual-expert loop match the reference."""
 
-import json
 
 import pytest
 import torch

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
-import inspect
 import logging
 import math
 import os
@@ -194,24 +193,6 @@ class _TqdmLogHandler(logging.Handler):
 # -- generate ---------------------------------------------------------------------------------------------
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _execution_modes() -> Optional[tuple[str, ...]]:
-    """The loader's execution modes (resident / swap / stream / auto), when this build's `load_dit` has them."""
-    import turbowan
-
-    if not _accepts(turbowan.load_dit, "mode"):
-        return None
-    from .placement import EXECUTION_MODES
-
-    return tuple(EXECUTION_MODES)
-
-
 def pick_device(name: Optional[str]):
     import torch
 
@@ -387,6 +368,7 @@ def cmd_generate(args, progress: StageProgress) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import ASPECT_RATIOS, RESOLUTIONS
+    from .placement import EXECUTION_MODES
 
     parser = argparse.ArgumentParser(
         prog="turbowan", description="TurboWan2.2 image-to-video (TurboDiffusion) without ComfyUI.", allow_abbrev=False)
@@ -426,10 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sla-topk", type=float, default=0.1, help="fraction of key blocks SLA keeps (default 0.1)")
     run.add_argument("--quant", default="w8a16", choices=["w8a16", "w8a8"],
                      help="how int8 weights run: dequantized (w8a16) or int8 x int8 (w8a8)")
-    modes = _execution_modes()
-    if modes is not None:
-        run.add_argument("--mode", default="auto", choices=list(modes),
-                         help="where the expert weights live on CUDA (default auto; see `turbowan doctor`)")
+    run.add_argument("--mode", default="auto", choices=list(EXECUTION_MODES),
+                     help="where the expert weights live on CUDA (default auto; see `turbowan doctor`)")
     run.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present; bf16 on a GPU, "
                      "float32 on a CPU)")
     out = g.add_argument_group("output")

@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .pipeline import expert_role_from_name
+
 GB = 1e9
 
 # -- memory anchors ------------------------------------------------------------------------------------------
@@ -397,12 +399,6 @@ def _tensor_names_and_shapes(path: Path) -> dict[str, torch.Tensor]:
     return strip_prefixes(sd)
 
 
-def _role_from_name(path: Path) -> Optional[str]:
-    name = path.name.lower()
-    has_high, has_low = "high" in name, "low" in name
-    return "high" if has_high and not has_low else "low" if has_low and not has_high else None
-
-
 def inspect_model_file(path: Path, slot_key: str) -> Check:
     """Is this file the right kind for its slot? Headers or memory-mapped tensors only."""
     from .checkpoint import ModelFileError, describe_state_dict
@@ -448,7 +444,7 @@ def _inspect_dit(path: Path, sd: dict, what: str, slot_key: str, label: str) -> 
     size = "A14B" if (dim, blocks) == (5120, 40) else f"dim {dim}, {blocks} blocks: not the A14B size (a test model?)"
     detail = f"Wan2.2 I2V expert, {size}, {'int8 (-quant)' if quant else 'bf16'}"
     detail += ", SLA weights present" if sla else ", no SLA weights: only --attention original works"
-    role = _role_from_name(path)
+    role = expert_role_from_name(path.name)
     if role is not None and role != slot_key:
         return Check(label, False, f"{detail}, but its name says '{role}': it belongs in the {role}-noise slot")
     return Check(label, True, detail)
@@ -534,11 +530,9 @@ def memory_lines(device: torch.device, found: dict[str, list[Path]], models_dir)
     if best is None:
         lines.append("  nothing is expected to fit; free GPU memory (close other programs) or use a larger card")
         return lines
-    from .cli import _execution_modes
-
     _, mode, (name, _, _), frames = best
     models = f"--models-dir {models_dir}" if models_dir else "--models-dir ComfyUI/models"
-    mode_option = f" --mode {mode}" if _execution_modes() else ""
+    mode_option = f" --mode {mode}"
     lines.append(f"  suggested (fastest mode for the largest clip): turbowan generate {models} --image IMG "
                  f"--prompt \"...\"{mode_option} --resolution {name} --frames {frames}")
     if free_gb < 13.5:

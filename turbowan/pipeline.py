@@ -171,12 +171,17 @@ def _vae_tile(vae, stage: str, grid: tuple[int, int], mode: str, device: torch.d
     return vae.tile_for_budget(stage, grid, STREAM_VAE_BUDGET, frames=frames)
 
 
+def expert_role_from_name(name: str) -> Optional[str]:
+    """'high' or 'low' when a file name says which expert it is (e.g. ...-high-720P-quant.pth), else None."""
+    name = str(name).replace("\\", "/").rsplit("/", 1)[-1].lower()
+    has_high, has_low = "high" in name, "low" in name
+    return "high" if has_high and not has_low else "low" if has_low and not has_high else None
+
+
 def check_expert_slots(high, low) -> None:
     """Refuse an obviously swapped pair (file names say high/low) with a one-sentence fix."""
     def role(m):
-        name = str(getattr(m, "source", "")).replace("\\", "/").rsplit("/", 1)[-1].lower()
-        has_high, has_low = "high" in name, "low" in name
-        return "high" if has_high and not has_low else "low" if has_low and not has_high else None
+        return expert_role_from_name(getattr(m, "source", ""))
 
     if role(high) == "low" and role(low) == "high":
         raise ValueError(

@@ -226,27 +226,10 @@ def load_image(path):
 
 
 def load_text_embedding_file(path):
-    """A saved umT5 embedding: a .safetensors with one tensor [1, L, 4096] or [L, 4096] (or named 'text_embedding')."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """--text-embedding: a saved [1, L, 4096] / [L, 4096] embedding, padded or cut to 512 rows."""
+    from .pipeline import prepare_text_embedding, read_text_embedding
 
-    from .pipeline import prepare_text_embedding
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"--text-embedding {str(path)!r} does not exist")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"--text-embedding {path.name} is not a readable .safetensors file ({exc})") from None
-    if len(tensors) == 1:
-        (emb,) = tensors.values()
-    elif "text_embedding" in tensors:
-        emb = tensors["text_embedding"]
-    else:
-        raise ValueError(f"--text-embedding {path.name} holds {len(tensors)} tensors ({', '.join(list(tensors)[:4])}); "
-                         "save one tensor, or name it 'text_embedding'")
-    return prepare_text_embedding(emb)  # checks the shape: [1, 512, 4096]
+    return prepare_text_embedding(read_text_embedding(path))
 
 
 def check_sla_topk(topk: float, frames: int, width: int, height: int) -> None:

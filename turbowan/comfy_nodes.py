@@ -41,7 +41,7 @@ import folder_paths
 from .checkpoint import file_identity
 from .models.dit import WanI2VDiT, load_dit
 from .models.vae import WanVAE, load_vae, vae_from_state_dict
-from .pipeline import ASPECT_RATIOS, RESOLUTIONS, generate_i2v, target_size
+from .pipeline import ASPECT_RATIOS, RESOLUTIONS, generate_i2v, read_text_embedding, target_size
 from .placement import EXECUTION_MODES, FFN_CHUNK_TOKENS, activation_bytes
 from .video import FORMATS, write_video
 
@@ -209,28 +209,10 @@ class TurboWanLoadTextEmbedding:
         return file_identity(path) if os.path.isfile(path) else ""
 
     def load(self, embedding):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = os.path.join(folder_paths.get_input_directory(), embedding)
         try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError) as exc:
-            raise TurboWanError(f"{embedding} could not be read as a .safetensors file ({exc})") from None
-        if "text_embedding" in tensors:
-            emb = tensors["text_embedding"]
-        elif len(tensors) == 1:
-            emb = next(iter(tensors.values()))
-        else:
-            raise TurboWanError(
-                f"{embedding} holds {len(tensors)} tensors and none is named 'text_embedding'; "
-                "save the embedding under that key")
-        if emb.ndim == 2:
-            emb = emb[None]
-        if emb.ndim != 3 or emb.shape[0] != 1 or not emb.is_floating_point():
-            raise TurboWanError(
-                f"{embedding} holds a {tuple(emb.shape)} {emb.dtype} tensor; expected one prompt's float "
-                f"embedding of shape [tokens, {TEXT_WIDTH}]")
+            emb = read_text_embedding(os.path.join(folder_paths.get_input_directory(), embedding))
+        except ValueError as exc:
+            raise TurboWanError(str(exc)) from None
         return ([[emb, {"pooled_output": None}]],)
 
 

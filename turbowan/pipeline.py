@@ -154,6 +154,35 @@ def prepare_text_embedding(text_embedding: torch.Tensor) -> torch.Tensor:
     return F.pad(e, (0, 0, 0, TEXT_TOKENS - L))
 
 
+def read_text_embedding(path) -> torch.Tensor:
+    """A prompt embedding saved as .safetensors -> [1, L, D] (its only tensor, or the one named 'text_embedding')."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"text embedding file {str(path)!r} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path.name} could not be read as a .safetensors file ({exc})") from None
+    if "text_embedding" in tensors:
+        emb = tensors["text_embedding"]
+    elif len(tensors) == 1:
+        emb = next(iter(tensors.values()))
+    else:
+        raise ValueError(f"{path.name} holds {len(tensors)} tensors ({', '.join(list(tensors)[:4])}) and none is "
+                         "named 'text_embedding'; save the embedding under that key")
+    if emb.ndim == 2:
+        emb = emb[None]
+    if emb.ndim != 3 or emb.shape[0] != 1 or not emb.is_floating_point():
+        raise ValueError(f"{path.name} holds a {tuple(emb.shape)} {emb.dtype} tensor; expected one prompt's float "
+                         f"embedding of shape [tokens, {TEXT_WIDTH}]")
+    return emb
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

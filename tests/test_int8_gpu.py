@@ -85,3 +85,16 @@ def test_cuda_dequantize_equals_cpu_dequantize(n, k):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         w = K.dequantize_int8_blockwise_cuda(wq.cuda(), ws.cuda(), dtype)
         assert torch.equal(w.cpu(), dequantize_int8_blockwise(wq, ws, dtype))
+
+
+def test_int8_linear_w8a16_on_cuda_uses_the_kernel_and_matches_cpu():
+    from turbowan.ops.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight(torch.randn(256, 384), torch.randn(256).bfloat16(), "w8a16")
+    x = torch.randn(7, 384).bfloat16()
+    cpu_w = layer.dequantized_weight(torch.bfloat16)
+    layer.cuda()
+    assert torch.equal(layer.dequantized_weight(torch.bfloat16).cpu(), cpu_w)
+    assert torch.allclose(layer(x.cuda()).float().cpu(), torch.nn.functional.linear(x, cpu_w, layer.bias.cpu()).float(),
+                          atol=3e-2, rtol=1e-2)

@@ -33,6 +33,11 @@ def int8_dispatch():
     return _load("int8_triton", "w8a8_linear")
 
 
+def dequant_dispatch():
+    """Int8 tile dequantization ``f(int8_weight, scale, dtype) -> weight`` for CUDA tensors, or None."""
+    return _load("int8_triton", "dequantize_int8_blockwise_cuda")
+
+
 def sla_dispatch():
     """Triton SLA ``f(q, k, v, proj_l_weight, proj_l_bias, topk) -> out`` for CUDA tensors, or None."""
     return _load("sla_triton", "sla_attention_triton")

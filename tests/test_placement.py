@@ -64,7 +64,7 @@ def test_host_weights_round_trip_without_copying_back():
     model = random_dit(TINY, attention="original")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hw = HostWeights(model, pin=False)
-    hw.attach(hw.to_device(torch.device("cpu")), torch.device("cpu"))
+    hw.attach(hw.to_device(torch.device("cpu")))
     hw.detach()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(v.data_ptr() == h.data_ptr() for (_, _, v), h in zip(hw.entries, hw.host))

@@ -197,7 +197,9 @@ def pick_device(name: Optional[str]):
     import torch
 
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .placement import default_device
+
+        return default_device()
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .progress import ProgressHook
-from .placement import Placement
+from .placement import Placement, default_device
 from .sampler import initial_noise, sample_rcm
 
 log = logging.getLogger("turbowan")
@@ -183,10 +183,6 @@ def read_text_embedding(path) -> torch.Tensor:
     return emb
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 STREAM_VAE_BUDGET = 4 * 1024**3  # bytes of VAE activations allowed when the experts are streamed
 
 
@@ -259,7 +255,7 @@ def generate_i2v(
         raise ValueError(f"boundary is a flow time between 0 and 1 (0.9 recommended), got {boundary}")
     check_expert_slots(high, low)
     context = prepare_text_embedding(text_embedding)
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     dtype = high.dtype
     if low.dtype != dtype:
         raise ValueError(f"the two experts were loaded with different dtypes ({high.dtype} and {low.dtype})")

@@ -12,6 +12,7 @@ parameters at it again (weights are read-only at inference).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Iterable, Optional
 
@@ -21,6 +22,11 @@ import torch.nn as nn
 log = logging.getLogger("turbowan")
 
 EXECUTION_MODES = ("auto", "resident", "swap", "stream")
+
+
+def default_device() -> torch.device:
+    """The compute device when none is given: the first CUDA GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def module_tensors(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -47,7 +53,6 @@ class HostWeights:
     """A module's weights kept in host memory (pinned when CUDA is present), put on a device on demand."""
 
     def __init__(self, module: nn.Module, pin: bool):
-        self.module = module
         self.entries = module_tensors(module)
         self.host = []
         for mod, name, t in self.entries:
@@ -56,34 +61,23 @@ class HostWeights:
                 h = h.pin_memory()
             self.host.append(h)
             _set(mod, name, h)
-        self.on_device: Optional[torch.device] = None
 
     def to_device(self, device: torch.device, stream: Optional[torch.cuda.Stream] = None) -> list[torch.Tensor]:
         bufs = []
-        ctx = torch.cuda.stream(stream) if stream is not None else _null()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             for (mod, name, _), h in zip(self.entries, self.host):
                 d = h.to(device, non_blocking=True)
                 bufs.append(d)
         return bufs
 
-    def attach(self, bufs: Iterable[torch.Tensor], device: torch.device) -> None:
+    def attach(self, bufs: Iterable[torch.Tensor]) -> None:
         for (mod, name, _), d in zip(self.entries, bufs):
             _set(mod, name, d)
-        self.on_device = device
 
     def detach(self) -> None:
         for (mod, name, _), h in zip(self.entries, self.host):
             _set(mod, name, h)
-        self.on_device = None
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class BlockStreamer:
@@ -114,14 +108,14 @@ class BlockStreamer:
             main.wait_event(ev)
             for b in bufs:
                 b.record_stream(main)  # the side stream's allocator must not reuse these until main is done
-        self.blocks[i].attach(bufs, self.device)
+        self.blocks[i].attach(bufs)
         self._prefetch(i + 1)
 
     def leave(self, i: int) -> None:
         self.blocks[i].detach()
 
     def close(self) -> None:
-        for i, hw in enumerate(self.blocks):
+        for hw in self.blocks:
             hw.detach()
         self._pending.clear()
 
@@ -168,7 +162,8 @@ class Placement:
     def __init__(self, device: torch.device, before_load: Optional[Callable[[int, torch.device], None]] = None):
         self.device = device
         self.before_load = before_load
-        self.loaded: dict[int, tuple[object, str]] = {}  # id -> (model, how)
+        # id -> (model, how, home): how is "host" (device copies of host weights), "stream" or "move" (.to())
+        self.loaded: dict[int, tuple[object, str, torch.device]] = {}
 
     # -- experts -------------------------------------------------------------------------------------------
     def resolve_mode(self, high, low, tokens: int, allow_resident: bool = True) -> str:
@@ -204,9 +199,7 @@ class Placement:
         if id(model) in self.loaded or model.device == self.device:
             return
         if self.device.type != "cuda":
-            home = model.device
-            model.to(self.device)
-            self.loaded[id(model)] = (model, "to", home)
+            self._move(model)
             return
         model_ffn_chunk(model, FFN_CHUNK_TOKENS)
         if mode == "stream":
@@ -215,20 +208,20 @@ class Placement:
             self._before(nbytes)
             for m in small:
                 hw = self._host(m)
-                hw.attach(hw.to_device(self.device), self.device)
+                hw.attach(hw.to_device(self.device))
             model.streamer = BlockStreamer(model.blocks, self.device, pin=_should_pin(tensor_bytes(model)))
-            self.loaded[id(model)] = (model, "stream")
+            self.loaded[id(model)] = (model, "stream", model.device)
         else:
             self._before(tensor_bytes(model))
             hw = self._host(model)
-            hw.attach(hw.to_device(self.device), self.device)
-            self.loaded[id(model)] = (model, "host")
+            hw.attach(hw.to_device(self.device))
+            self.loaded[id(model)] = (model, "host", model.device)
 
     def unload(self, model) -> None:
         entry = self.loaded.pop(id(model), None)
         if entry is None:
             return
-        how = entry[1]
+        _, how, home = entry
         if how == "stream":
             model.streamer.close()
             model.streamer = None
@@ -237,8 +230,8 @@ class Placement:
                     self._host(m).detach()
         elif how == "host":
             self._host(model).detach()
-        elif how in ("to", "vae"):
-            model.to(entry[2])
+        else:
+            model.to(home)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -246,13 +239,16 @@ class Placement:
     def load_vae(self, vae) -> None:
         if vae.device == self.device or id(vae) in self.loaded:
             return
-        home = vae.device
         self._before(tensor_bytes(vae.model) if hasattr(vae, "model") else 0)
-        vae.to(self.device)
-        self.loaded[id(vae)] = (vae, "vae", home)
+        self._move(vae)
+
+    def _move(self, model) -> None:
+        home = model.device
+        model.to(self.device)
+        self.loaded[id(model)] = (model, "move", home)
 
     def unload_all(self) -> None:
-        for model, *_ in list(self.loaded.values()):
+        for model, _, _ in list(self.loaded.values()):
             self.unload(model)
 
     def _before(self, nbytes: int) -> None:

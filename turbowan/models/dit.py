@@ -328,10 +328,6 @@ class WanI2VDiT(nn.Module):
 QUANT_MODES = ("w8a16", "w8a8")
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_dit(
     path,
     attention: str = "sla",

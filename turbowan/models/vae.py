@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..placement import default_device
 from ..progress import ProgressHook, report
 
 SPATIAL_COMPRESSION = 8
@@ -547,10 +548,6 @@ def _check_video(video: torch.Tensor) -> None:
 _WAN_VAE_KEY = "decoder.middle.0.residual.0.gamma"
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _describe_foreign(state_dict: Dict[str, torch.Tensor]) -> str:
     """What a state dict that is not a Wan2.1 VAE looks like, as a sentence fragment."""
     keys = state_dict.keys()
@@ -602,7 +599,7 @@ def vae_from_state_dict(
             raise ValueError(f"{name}: '{key}' has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)} for {expected}")
         if state_dict[key].is_meta:
             raise ValueError(f"{name}: '{key}' holds no data (meta tensor); pass a state dict with loaded weights")
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
     return WanVAE(model)
 

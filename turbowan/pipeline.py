@@ -125,7 +125,11 @@ def preprocess_image(image, width: int, height: int) -> torch.Tensor:
     8-bit images are resized on 0..255 values and rounded back to 8 bit before scaling, like torchvision's
     uint8 path; float images (ComfyUI) are resized in float without that rounding.
     """
-    t, is_uint8 = image_to_tensor(image)
+    return resize_image_tensor(*image_to_tensor(image), width, height)
+
+
+def resize_image_tensor(t: torch.Tensor, is_uint8: bool, width: int, height: int) -> torch.Tensor:
+    """The second half of `preprocess_image`, for an image already converted by `image_to_tensor`."""
     x = t[None].float()
     if tuple(x.shape[-2:]) != (height, width):
         x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
@@ -260,9 +264,9 @@ def generate_i2v(
     if low.dtype != dtype:
         raise ValueError(f"the two experts were loaded with different dtypes ({high.dtype} and {low.dtype})")
 
-    img, _ = image_to_tensor(image)
+    img, is_uint8 = image_to_tensor(image)
     w, h = target_size((img.shape[-1], img.shape[-2]), resolution, aspect_ratio, adaptive_resolution, width, height)
-    image_tensor = preprocess_image(image, w, h)  # [1, 3, h, w]
+    image_tensor = resize_image_tensor(img, is_uint8, w, h)  # [1, 3, h, w]
     log.info("turbowan: %dx%d, %d frames, %d steps, seed %d", w, h, num_frames, num_steps, seed)
 
     place = Placement(device, before_load)
@@ -293,10 +297,9 @@ def generate_i2v(
             place.load_expert(low, mode)
 
         def select(name: str):
-            if mode != "resident":
-                for other in experts.values():
-                    if other is not experts[name]:
-                        place.unload(other)
+            other = experts["low" if name == "high" else "high"]
+            if mode != "resident" and other is not experts[name]:
+                place.unload(other)
             place.load_expert(experts[name], mode)
             return experts[name]
 

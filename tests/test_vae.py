@@ -309,3 +309,13 @@ def test_tile_for_budget_picks_the_largest_fitting_tile(vae_bf16):
 def test_bad_tile_spec_is_refused(vae_fp32):
     with pytest.raises(ValueError, match="tile="):
         vae_fp32.decode(torch.zeros(1, 16, 1, 2, 2), tile=(0, 4))
+
+
+def test_channels_last_layout_gives_the_same_video(vae_fp32, decoded_fp32, io, monkeypatch):
+    # CUDA runs the VAE channels-last (NDHWC, fast cuDNN kernels); the layout must not change any value.
+    from turbowan.models import vae as vae_module
+
+    latents = vae_fp32.encode(io["video_in"].float())
+    monkeypatch.setattr(vae_module, "preferred_layout", lambda device: torch.channels_last_3d)
+    assert torch.equal(vae_fp32.decode(io["latent_in"].float()), decoded_fp32)
+    assert torch.equal(vae_fp32.encode(io["video_in"].float()), latents)

@@ -98,3 +98,15 @@ def test_int8_linear_w8a16_on_cuda_uses_the_kernel_and_matches_cpu():
     assert torch.equal(layer.dequantized_weight(torch.bfloat16).cpu(), cpu_w)
     assert torch.allclose(layer(x.cuda()).float().cpu(), torch.nn.functional.linear(x, cpu_w, layer.bias.cpu()).float(),
                           atol=3e-2, rtol=1e-2)
+
+
+def test_shared_quantized_input_gives_each_layer_its_own_result():
+    from turbowan.ops.int8 import apply_linear, shared_int8_input
+
+    torch.manual_seed(2)
+    layers = [Int8Linear.from_weight(torch.randn(256, 384), torch.randn(256).bfloat16(), "w8a8").cuda() for _ in range(3)]
+    x = torch.randn(1, 130, 384).bfloat16().cuda()
+    shared = shared_int8_input(x, *layers)
+    assert shared is not None
+    for layer in layers:
+        assert torch.equal(apply_linear(layer, x, shared), layer(x))

@@ -46,3 +46,23 @@ def sla_dispatch():
 def sagesla_dispatch():
     """Our Triton SageSLA (int8 Q/K), same signature as the SLA one, or None."""
     return _load("sagesla_triton", "sagesla_attention_triton")
+
+
+def vae_norm_dispatch():
+    """Fused VAE RMSNorm (+ optional SiLU) ``f(x, gamma, silu) -> y`` for channels-last CUDA tensors, or None."""
+    return _load("vae_triton", "rms_norm_silu")
+
+
+def dit_norm_dispatch():
+    """Fused RMSNorm + 3D RoPE of the DiT's q / k ``f(x, weight, cos, sin, eps, heads) -> y`` on CUDA, or None."""
+    return _load("norm_triton", "rms_norm_rope")
+
+
+def int8_quantize_dispatch():
+    """Activation quantization ``f(x2d) -> (int8, tile scales)`` for CUDA tensors, or None."""
+    return _load("int8_triton", "quantize_activations")
+
+
+def int8_gemm_dispatch():
+    """W8A8 GEMM on pre-quantized activations ``f(x_q, x_scale, w_q, w_scale, bias, out_dtype) -> y``, or None."""
+    return _load("int8_triton", "w8a8_gemm")

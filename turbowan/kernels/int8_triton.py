@@ -25,6 +25,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 TILE = 128
@@ -58,9 +59,7 @@ def _quantize_tiles_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, TILE: tl.conste
     x = x.to(tl.float32)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-8)
     inv = tl.math.div_rn(tl.full((), 128.0, tl.float32), amax)  # IEEE division, as the reference computes it
-    y = x * inv  # launched with fp fusion off, so this product is rounded before the next add
-    y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds half to even (|y| <= 128.x << 2**22)
-    q = tl.minimum(tl.maximum(y, -128.0), 127.0).to(tl.int8)
+    q = tl.minimum(tl.maximum(libdevice.rint(x * inv), -128.0), 127.0).to(tl.int8)  # round half to even
     tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=in_rows)
     tl.store(s_ptr + pid_m * tl.num_programs(0) + pid_k, amax * 0.0078125)  # amax / 128, exact
 
@@ -72,8 +71,7 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     q = torch.empty(m, k, dtype=torch.int8, device=x2d.device)
     s = torch.empty(mt, kt, dtype=torch.float32, device=x2d.device)
     if m:
-        _quantize_tiles_kernel[(kt, mt)](x2d, q, s, m, k, x2d.stride(0), TILE=TILE, num_warps=8,
-                                         enable_fp_fusion=False)
+        _quantize_tiles_kernel[(kt, mt)](x2d, q, s, m, k, x2d.stride(0), TILE=TILE, num_warps=8)
     return q, s
 
 

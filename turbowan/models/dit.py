@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import DiTConfig
 from ..ops.attention import dense_attention, self_attention
-from ..ops.int8 import Int8Linear
+from ..ops.int8 import Int8Linear, apply_linear, shared_int8_input
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class AffineLayerNorm(nn.Module):
@@ -151,13 +150,28 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return x + y * gate.to(x.dtype)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
 @fused_on_gpu
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32, cast back to x's dtype (cross-attention's q and k)."""
+    return _rms_norm(x, weight, eps)
+
+
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
                   heads: int) -> torch.Tensor:
-    """RMSNorm over the full width (fp32) then 3D RoPE per head: [B, L, dim] -> [B, L, heads, head_dim]."""
-    xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
-    return apply_rope(normed.unflatten(-1, (heads, -1)), cos, sin)
+    """RMSNorm over the full width (fp32) then 3D RoPE per head: [B, L, dim] -> [B, L, heads, head_dim].
+    On CUDA one Triton pass (`turbowan.kernels.norm_triton`); this PyTorch code is its reference."""
+    if x.is_cuda:
+        from ..kernels import dit_norm_dispatch
+
+        fast = dit_norm_dispatch()
+        if fast is not None:
+            return fast(x, weight, cos, sin, eps, heads)
+    return apply_rope(_rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
 
 
 @fused_on_gpu
@@ -182,9 +196,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape  # [B, L, dim]
-        q = rms_norm_rope(self.q(x), self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
-        k = rms_norm_rope(self.k(x), self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
-        v = self.v(x).view(B, L, self.num_heads, self.head_dim)
+        shared = shared_int8_input(x, self.q, self.k, self.v)  # W8A8 on CUDA: quantize x once for all three
+        q = rms_norm_rope(apply_linear(self.q, x, shared), self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
+        k = rms_norm_rope(apply_linear(self.k, x, shared), self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
+        v = apply_linear(self.v, x, shared).view(B, L, self.num_heads, self.head_dim)
+        del shared
         out = self_attention(q, k, v, self.attention, self.proj_l, self.sla_topk)  # [B, L, H, D]
         return self.o(out.flatten(2))
 

@@ -143,6 +143,13 @@ class Int8Linear(nn.Module):
                 self._dequantized = w
         return w
 
+    def forward_quantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, lead: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """W8A8 on CUDA for an input already quantized by `shared_int8_input` / `int8_ffn`: -> [*lead, N]."""
+        from ..kernels import int8_gemm_dispatch
+
+        y = int8_gemm_dispatch()(x_q, x_scale, self.int8_weight, self.scale, self.bias, dtype)
+        return y.reshape(*lead, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "w8a8":
             if x.is_cuda:
@@ -154,3 +161,30 @@ class Int8Linear(nn.Module):
             return w8a8_linear_reference(x, self.int8_weight, self.scale, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+def _runs_triton_w8a8(x: torch.Tensor, *layers) -> bool:
+    if not (x.is_cuda and all(isinstance(m, Int8Linear) and m.mode == "w8a8" for m in layers)):
+        return False
+    from ..kernels import int8_dispatch
+
+    return int8_dispatch() is not None
+
+
+def shared_int8_input(x: torch.Tensor, *layers) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x [..., K] quantized once for several W8A8 layers that all read it (self-attention's q, k, v: one pass over
+    x instead of three, same numbers), as (int8 [M, K], tile scales); None unless they all run the Triton kernel."""
+    if not _runs_triton_w8a8(x, *layers):
+        return None
+    from ..kernels import int8_quantize_dispatch
+
+    x2d = x.reshape(-1, x.shape[-1])
+    return int8_quantize_dispatch()(x2d if x2d.stride(-1) == 1 else x2d.contiguous())
+
+
+def apply_linear(layer: nn.Module, x: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """layer(x), using x's shared quantization when there is one."""
+    if shared is None:
+        return layer(x)
+    return layer.forward_quantized(*shared, x.shape[:-1], x.dtype)
+

@@ -54,25 +54,30 @@ def main():
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
-    # the q/k RMSNorm + RoPE: Triton kernel against the same PyTorch function compiled by torch.compile
+    # the block's row kernels (turbowan.kernels.dit_triton) against their PyTorch reference compiled by torch.compile
     import triton.testing
 
-    from turbowan.kernels.norm_triton import rms_norm_rope as triton_norm
-    from turbowan.models.dit import apply_rope
+    from turbowan.kernels import dit_triton as K
+    from turbowan.models import dit
 
-    def torch_norm(x, w, c, s, eps, heads):
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
-        return apply_rope(normed.unflatten(-1, (heads, -1)), c, s)
-
-    compiled = torch.compile(torch_norm, dynamic=False, fullgraph=True)
     w = torch.rand(cfg.dim, device=dev) + 0.5
-    a, b = triton_norm(x, w, cos, sin, 1e-6, cfg.num_heads), compiled(x, w, cos, sin, 1e-6, cfg.num_heads)
-    differ = (a != b).float().mean().item()
-    for name, fn in (("triton", triton_norm), ("torch.compile", compiled)):
-        ms = triton.testing.do_bench(lambda: fn(x, w, cos, sin, 1e-6, cfg.num_heads))
-        print(f"rms_norm_rope {name}: {ms:.3f} ms (L={L}); values differing between the two: {differ:.2e}")
-
+    shift, scale = (torch.randn(1, 1, cfg.dim, device=dev) * 0.1 for _ in range(2))
+    y = torch.randn_like(x)
+    ops = {
+        "rms_norm_rope": (K.rms_norm_rope, lambda a, b, c, d, e, f: dit.apply_rope(
+            dit._rms_norm(a, b, e).unflatten(-1, (f, -1)), c, d), (x, w, cos, sin, 1e-6, cfg.num_heads)),
+        "layer_norm_rows (modulated)": (lambda a, b, c, d: K.layer_norm_rows(a, d, shift=b, scale=c),
+                                        lambda a, b, c, d: (dit.layer_norm(a, d).float() * (1 + c) + b).to(a.dtype),
+                                        (x, shift, scale, 1e-6)),
+        "rms_norm_rows": (K.rms_norm_rows, dit._rms_norm, (x, w, 1e-6)),
+        "gated_residual_rows": (K.gated_residual_rows, lambda a, b, c: a + b * c.to(a.dtype), (x, y, shift)),
+    }
+    for name, (kernel, reference, args_) in ops.items():
+        compiled = torch.compile(reference, dynamic=False, fullgraph=True)
+        differ = (kernel(*args_) != compiled(*args_)).float().mean().item()
+        t_k = triton.testing.do_bench(lambda: kernel(*args_))
+        t_c = triton.testing.do_bench(lambda: compiled(*args_))
+        print(f"{name}: triton {t_k:.3f} ms, torch.compile {t_c:.3f} ms (L={L}; values differing {differ:.1e})")
 
 if __name__ == "__main__":
     main()

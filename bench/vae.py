@@ -3,12 +3,11 @@
     python bench/vae.py [--res 720p 480p] [--profile]
 
 Variants (same weights, same inputs; outputs compared against the first variant):
-  ncdhw           activations in PyTorch's default NCDHW layout (the layout before channels-last)
-  channels_last   NDHWC activations: the library's CUDA default (`turbowan.models.vae.preferred_layout`)
-  + benchmark     the same with `torch.backends.cudnn.benchmark = True`
-  + fused_norm    RMSNorm compiled with torch.compile (one pass instead of four)
-Prints a table (median of --repeat runs, peak allocated GB) and, with --profile, the top CUDA kernels of one
-channels-last decode.
+  ncdhw                 activations in PyTorch's default NCDHW layout, eager norms (the code before channels-last)
+  channels_last eager   NDHWC activations, RMSNorm + SiLU as eager PyTorch ops
+  channels_last         the library's CUDA path: NDHWC and the fused Triton RMSNorm + SiLU
+Prints a table (median of --repeat runs, peak allocated GB) and, with --profile, the PyTorch ops that take the
+most GPU time in one decode (grouped by input shape).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,17 +53,11 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     vae = random_vae(dev)
-    original_layout, original_norm = V.preferred_layout, V.RMSNorm.forward
-    compiled_norm = torch.compile(lambda x, scale, gamma: F.normalize(x, dim=1) * scale * gamma, dynamic=True)
-
-    def fused_norm(self, x):
-        return compiled_norm(x, self.scale, self.gamma)
-
+    original_layout, original_dispatch = V.preferred_layout, V.vae_norm_dispatch
     variants = {
-        "ncdhw": dict(layout=lambda d: torch.contiguous_format, benchmark=False, norm=original_norm),
-        "channels_last": dict(layout=original_layout, benchmark=False, norm=original_norm),
-        "channels_last + benchmark": dict(layout=original_layout, benchmark=True, norm=original_norm),
-        "channels_last + benchmark + fused_norm": dict(layout=original_layout, benchmark=True, norm=fused_norm),
+        "ncdhw": dict(layout=lambda d: torch.contiguous_format, dispatch=original_dispatch),
+        "channels_last eager": dict(layout=original_layout, dispatch=lambda: None),
+        "channels_last": dict(layout=original_layout, dispatch=original_dispatch),
     }
     rows = []
     for res in args.res:
@@ -75,8 +67,7 @@ def main():
         latents = torch.randn(1, 16, 21, h // 8, w // 8, device=dev, generator=g)
         base = {}
         for name, v in variants.items():
-            V.preferred_layout, V.RMSNorm.forward = v["layout"], v["norm"]
-            torch.backends.cudnn.benchmark = v["benchmark"]
+            V.preferred_layout, V.vae_norm_dispatch = v["layout"], v["dispatch"]
             vae.decode(latents[:, :, :2, :16, :16])  # warm-up (kernels, autotune, compile) on a small input
             vae.encode(video[:, :, :5, :128, :128])
             enc_s, enc_gb, enc = timed(lambda: vae.encode(video), args.repeat)
@@ -86,8 +77,7 @@ def main():
             rows.append((res, name, enc_s, enc_gb, dec_s, dec_gb, rel(enc, base["enc"]), rel(dec, base["dec"])))
             print(rows[-1], flush=True)
             del enc, dec
-        V.preferred_layout, V.RMSNorm.forward = original_layout, original_norm
-        torch.backends.cudnn.benchmark = False
+        V.preferred_layout, V.vae_norm_dispatch = original_layout, original_dispatch
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, "
           f"median of {args.repeat}")
@@ -101,12 +91,12 @@ def main():
 
         w, h = SIZES[args.res[0]]
         latents = torch.randn(1, 16, 6, h // 8, w // 8, device=dev)
-        torch.backends.cudnn.benchmark = True
         vae.decode(latents)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             vae.decode(latents)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="cuda_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=90))
 
 
 if __name__ == "__main__":

@@ -53,9 +53,10 @@ def vae_norm_dispatch():
     return _load("vae_triton", "rms_norm_silu")
 
 
-def dit_norm_dispatch():
-    """Fused RMSNorm + 3D RoPE of the DiT's q / k ``f(x, weight, cos, sin, eps, heads) -> y`` on CUDA, or None."""
-    return _load("norm_triton", "rms_norm_rope")
+def dit_dispatch(name: str):
+    """One of the DiT block's row kernels in `turbowan.kernels.dit_triton` (``rms_norm_rope``, ``rms_norm_rows``,
+    ``layer_norm_rows``, ``gated_residual_rows``), or None."""
+    return _load("dit_triton", name)
 
 
 def int8_quantize_dispatch():

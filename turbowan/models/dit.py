@@ -95,58 +95,40 @@ class AffineLayerNorm(nn.Module):
         return affine_layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def fused_on_gpu(fn):
-    """Run ``fn`` through torch.compile for CUDA tensors when Triton is available, eager everywhere else.
-
-    The norm / RoPE / modulation steps are chains of elementwise fp32 passes over [L, dim] tensors; in eager
-    mode they took a third of a 720p block's time, and compiled into single kernels they are bandwidth-cheap.
-    If compilation fails on a machine, the eager function is used from then on (one-line notice).
-    """
-    state = {"compiled": None, "ok": None}
-
-    def run(*args):
-        if args[0].is_cuda and state["ok"] is not False:
-            if state["ok"] is None:
-                state["ok"] = _can_compile()
-            if state["ok"]:
-                if state["compiled"] is None:
-                    state["compiled"] = torch.compile(fn, dynamic=False, fullgraph=True)
-                try:
-                    return state["compiled"](*args)
-                except Exception as exc:  # compiler missing or broken here: stay correct, just slower
-                    import logging
-
-                    logging.getLogger("turbowan").warning(
-                        "turbowan: fused kernels unavailable (%s); using eager PyTorch", type(exc).__name__)
-                    state["ok"] = False
-        return fn(*args)
-
-    run.__wrapped__ = fn
-    run.__doc__ = fn.__doc__
-    return run
+# -- the block's row-wise operations -------------------------------------------------------------------------
+# Each is one Triton pass over a token's row on CUDA (`turbowan.kernels.dit_triton`, same roundings); the PyTorch
+# code below is their reference and runs on the CPU and wherever Triton is missing. In eager PyTorch these chains
+# of fp32 elementwise passes took a third of a 720p block's time.
 
 
-def _can_compile() -> bool:
-    import os
+def _cuda_kernel(name: str, x: torch.Tensor):
+    if not x.is_cuda:
+        return None
+    from ..kernels import dit_dispatch
 
-    if os.environ.get("TURBOWAN_NO_COMPILE"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return dit_dispatch(name)
 
 
-@fused_on_gpu
 def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm (no affine, fp32) then ``* (1 + scale) + shift`` in fp32, cast to x's dtype. x [B, L, dim]."""
+    fast = _cuda_kernel("layer_norm_rows", x)
+    if fast is not None:
+        return fast(x, eps, shift=shift, scale=scale)
     return (layer_norm(x, eps).float() * (1 + scale) + shift).to(x.dtype)
 
 
-@fused_on_gpu
+def affine_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    fast = _cuda_kernel("layer_norm_rows", x)
+    if fast is not None:
+        return fast(x, eps, weight=weight, bias=bias)
+    return layer_norm(x, eps, weight, bias)
+
+
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + y * gate in x's dtype (the gate is fp32 modulation, rounded first as the reference does)."""
+    fast = _cuda_kernel("gated_residual_rows", x)
+    if fast is not None:
+        return fast(x, y, gate)
     return x + y * gate.to(x.dtype)
 
 
@@ -155,28 +137,19 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-@fused_on_gpu
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in fp32, cast back to x's dtype (cross-attention's q and k)."""
-    return _rms_norm(x, weight, eps)
+    fast = _cuda_kernel("rms_norm_rows", x)
+    return fast(x, weight, eps) if fast is not None else _rms_norm(x, weight, eps)
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
                   heads: int) -> torch.Tensor:
-    """RMSNorm over the full width (fp32) then 3D RoPE per head: [B, L, dim] -> [B, L, heads, head_dim].
-    On CUDA one Triton pass (`turbowan.kernels.norm_triton`); this PyTorch code is its reference."""
-    if x.is_cuda:
-        from ..kernels import dit_norm_dispatch
-
-        fast = dit_norm_dispatch()
-        if fast is not None:
-            return fast(x, weight, cos, sin, eps, heads)
+    """RMSNorm over the full width (fp32) then 3D RoPE per head: [B, L, dim] -> [B, L, heads, head_dim]."""
+    fast = _cuda_kernel("rms_norm_rope", x)
+    if fast is not None:
+        return fast(x, weight, cos, sin, eps, heads)
     return apply_rope(_rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
-
-
-@fused_on_gpu
-def affine_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return layer_norm(x, eps, weight, bias)
 
 
 def make_linear(in_f: int, out_f: int, int8_mode: str | None) -> nn.Module:

@@ -33,11 +33,26 @@ except ImportError:
     triton = None
 
 
+# One program per token row (up to 8192 values in registers). No fp contraction: PyTorch's path rounds every
+# product before the following add, and these passes are memory-bound, so fused multiply-adds would buy nothing.
+_LAUNCH = dict(num_warps=8, enable_fp_fusion=False)
+
+
 def available() -> bool:
     return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:
+
+    @triton.jit
+    def _rounded(x, OUT):
+        """x rounded to OUT's element type and widened back to fp32, as PyTorch's separate ops do. The bitcast
+        round trip keeps the compiler from folding the narrowing away (with fp32 outputs it is the identity)."""
+        ty = OUT.dtype.element_ty
+        if ty.primitive_bitwidth == 16:
+            return x.to(ty).to(tl.int16, bitcast=True).to(ty, bitcast=True).to(tl.float32)
+        else:
+            return x
 
     @triton.jit
     def _rms_norm_rope_kernel(X, W, COS, SIN, OUT, L, stride_x, eps,
@@ -53,8 +68,8 @@ if triton is not None:
         xp = tl.load(X + row * stride_x + partner, mask=inside, other=0.0).to(tl.float32)
         w = tl.load(W + e, mask=inside, other=0.0)
         wp = tl.load(W + partner, mask=inside, other=0.0)
-        n = (x * r * w).to(OUT.dtype.element_ty).to(tl.float32)  # rounded, as the reference does before RoPE
-        n_p = (xp * r * wp).to(OUT.dtype.element_ty).to(tl.float32)
+        n = _rounded(x * r * w, OUT)  # rounded, as the reference does before RoPE
+        n_p = _rounded(xp * r * wp, OUT)
         pair = (e % D) // 2
         c = tl.load(COS + pos * (D // 2) + pair, mask=inside, other=0.0)
         s = tl.load(SIN + pos * (D // 2) + pair, mask=inside, other=0.0)
@@ -76,7 +91,7 @@ if triton is not None:
         if AFFINE:
             y = y * tl.load(W + e, mask=inside, other=0.0) + tl.load(BIAS + e, mask=inside, other=0.0)
         if MODULATE:  # the PyTorch path rounds the norm to the activation dtype before modulating in fp32
-            y = y.to(OUT.dtype.element_ty).to(tl.float32)
+            y = _rounded(y, OUT)
             scale = tl.load(SCALE + sample * WIDTH + e, mask=inside, other=0.0)
             shift = tl.load(SHIFT + sample * WIDTH + e, mask=inside, other=0.0)
             y = y * (1.0 + scale) + shift
@@ -98,8 +113,8 @@ if triton is not None:
         inside = e < WIDTH
         x = tl.load(X + row * stride_x + e, mask=inside, other=0.0).to(tl.float32)
         y = tl.load(Y + row * stride_y + e, mask=inside, other=0.0).to(tl.float32)
-        g = tl.load(GATE + (row // L) * WIDTH + e, mask=inside, other=0.0).to(OUT.dtype.element_ty).to(tl.float32)
-        gy = (y * g).to(OUT.dtype.element_ty).to(tl.float32)  # PyTorch rounds the product, then the sum
+        g = _rounded(tl.load(GATE + (row // L) * WIDTH + e, mask=inside, other=0.0), OUT)
+        gy = _rounded(y * g, OUT)  # PyTorch rounds the product, then the sum
         tl.store(OUT + row * WIDTH + e, (x + gy).to(OUT.dtype.element_ty), mask=inside)
 
 
@@ -125,7 +140,7 @@ def layer_norm_rows(x: torch.Tensor, eps: float, weight: torch.Tensor | None = N
         _layer_norm_kernel[(x2d.shape[0],)](
             x2d, weight if affine else out, bias if affine else out, shift if modulate else out,
             scale if modulate else out, out, length, x2d.stride(0), eps,
-            WIDTH=width, BLOCK=triton.next_power_of_2(width), AFFINE=affine, MODULATE=modulate, num_warps=8,
+            WIDTH=width, BLOCK=triton.next_power_of_2(width), AFFINE=affine, MODULATE=modulate, **_LAUNCH,
         )
     return out
 
@@ -141,7 +156,7 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x2d.shape[0]:
         _rms_norm_kernel[(x2d.shape[0],)](x2d, weight.float().contiguous(), out, x2d.stride(0), eps,
-                                          WIDTH=x2d.shape[1], BLOCK=triton.next_power_of_2(x2d.shape[1]), num_warps=8)
+                                          WIDTH=x2d.shape[1], BLOCK=triton.next_power_of_2(x2d.shape[1]), **_LAUNCH)
     return out
 
 
@@ -153,7 +168,7 @@ def gated_residual_rows(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) ->
     out = torch.empty(b, length, width, dtype=x.dtype, device=x.device)
     if x2d.shape[0]:
         _gated_residual_kernel[(x2d.shape[0],)](x2d, y2d, gate, out, length, x2d.stride(0), y2d.stride(0),
-                                                WIDTH=width, BLOCK=triton.next_power_of_2(width), num_warps=8)
+                                                WIDTH=width, BLOCK=triton.next_power_of_2(width), **_LAUNCH)
     return out
 
 
@@ -174,6 +189,6 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
     if x2d.shape[0]:
         _rms_norm_rope_kernel[(x2d.shape[0],)](
             x2d, weight.float().contiguous(), cos.float().contiguous(), sin.float().contiguous(), out,
-            length, x2d.stride(0), eps, WIDTH=width, BLOCK=triton.next_power_of_2(width), D=d, num_warps=8,
+            length, x2d.stride(0), eps, WIDTH=width, BLOCK=triton.next_power_of_2(width), D=d, **_LAUNCH,
         )
     return out

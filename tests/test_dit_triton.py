@@ -77,7 +77,17 @@ def test_modulated_layer_norm_equals_the_torch_path(torch_path, dtype, b, length
     x = _x(b, length, width, dtype)
     shift, scale = _rand(b, 1, width, seed=2, lo=-0.5), _rand(b, 1, width, seed=3, lo=-0.5)
     out = K.layer_norm_rows(x, 1e-6, shift=shift, scale=scale)
-    _assert_close(out, torch_path.modulated_norm(x, shift, scale, 1e-6), dtype)
+    ref = torch_path.modulated_norm(x, shift, scale, 1e-6)
+    if dtype == torch.float32:
+        _assert_close(out, ref, dtype)
+        return
+    # The norm is rounded to bf16 before the modulation (both sides); a 1-ulp difference there is carried through
+    # `* (1 + scale) + shift`, which can cancel to a small output: bound the error by 2 ulps of the output plus
+    # one ulp of the modulated norm, and require it to be rare.
+    normed = torch_path.layer_norm(x, 1e-6).float() * (1 + scale)
+    err = (out.float() - ref.float()).abs()
+    assert (err <= 2.0 ** -7 * (2 * ref.float().abs() + normed.abs()) + 1e-6).all()
+    assert (err > 0).float().mean() < 0.02
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

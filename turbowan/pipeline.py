@@ -276,9 +276,8 @@ def generate_i2v(
     try:
         # 1. image latents
         place.load_vae(vae)
-        frames_in = torch.cat(
-            [image_tensor[:, :, None], torch.zeros(1, 3, num_frames - 1, h, w)], dim=2
-        ).to(device)
+        frames_in = torch.zeros(1, 3, num_frames, h, w, device=device)  # the image, then black frames
+        frames_in[:, :, 0] = image_tensor.to(device)
         tile = _vae_tile(vae, "encode", (lat_h, lat_w), mode, device, num_frames)
         latents = vae.encode(frames_in, progress=progress, tile=tile)  # [1, 16, T, h/8, w/8]
         del frames_in

@@ -92,6 +92,37 @@ def import_reference(ref_dir: str | None):
     return SparseLinearAttention, get_block_map
 
 
+def spargeattn_rows(q, k, v, weight, bias, topk, entry, flops, reps):
+    """With SpargeAttn (`spas_sage_attn`) built: the reference's SageSLA module and our `sagesla_spargeattn` path,
+    timed, with the error against the fp32 SLA of the same block shape (64-query x 128-key blocks on Hopper)."""
+    from turbowan.kernels import spargeattn, sla_triton
+
+    if not spargeattn.available():
+        print("SpargeAttn (spas_sage_attn) not importable: no SageSLA rows")
+        return []
+    fp32 = sla_triton.sla_attention_triton(q.float(), k.float(), v.float(), weight, bias, topk,
+                                           blkq=spargeattn.BLKQ, blkk=spargeattn.BLKK)
+    rows = []
+    try:
+        from SLA import SageSparseLinearAttention
+        module = SageSparseLinearAttention(HEAD_DIM, topk).cuda()
+        with torch.no_grad():
+            module.proj_l.weight.copy_(weight)
+            module.proj_l.bias.copy_(bias)
+        ref = torch.no_grad()(module)
+        candidates = [("ref_sagesla_spargeattn", lambda: ref(q, k, v))]  # (B, L, H, D) in and out, like SLA's
+    except Exception as err:  # noqa: BLE001 - no reference checkout: only our path
+        print(f"reference SageSLA unavailable: {err!r}")
+        candidates = []
+    candidates.append(("ours_sagesla_spargeattn", lambda: spargeattn.sagesla_spargeattn(q, k, v, weight, bias, topk)))
+    for name, fn in candidates:
+        out = fn()
+        ms = median_ms(fn, reps=reps)
+        rows.append({**entry, "method": name, "ms": ms, "tflops": flops / ms / 1e9, "rel_l2_vs_fp32": rel_l2(out, fp32),
+                     "blocks_q_k": [spargeattn.BLKQ, spargeattn.BLKK]})
+    return rows
+
+
 def tie_report(scores, lut_a, lut_b, count):
     """Rows where two LUTs differ, and whether every differing block is a bf16 tie at the selection threshold."""
     differ = (lut_a != lut_b).any(dim=-1).reshape(-1)
@@ -210,6 +241,9 @@ def run_bench(args) -> dict:
                 rows.append({**entry, "method": "ref_sla", "ms": ms, "tflops": flops / ms / 1e9})
                 print(rows[-1])
                 del ref_out, module
+                for sage_row in spargeattn_rows(q, k, v, weight, bias, topk, entry, flops, args.reps):
+                    rows.append(sage_row)
+                    print(rows[-1])
             rows.append({**entry, "method": "checks", **checks})
             print(rows[-1])
             del out
@@ -288,6 +322,8 @@ def table(result: dict) -> str:
             if "lut_ref_vs_ours" in c:
                 ref = c["lut_ref_vs_ours"]
                 note += f"; LUT vs reference: {ref['rows_differ']}/{ref['rows']} rows differ (all bf16 ties: {ref['all_ties']})"
+        elif r["method"].endswith("_spargeattn"):
+            note = f"rel L2 vs fp32 SLA with {r['blocks_q_k'][0]}x{r['blocks_q_k'][1]} blocks {_fmt(r['rel_l2_vs_fp32'], 4)}"
         elif r["method"].startswith("ours_sagesla"):
             note = f"rel L2 vs ours sla {_fmt(r.get('rel_l2_vs_ours_sla'), 4)}"
             if "rel_l2_vs_fp32" in r:

@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--boundary", type=float, default=0.9, help="flow time where the low-noise expert takes over")
     job.add_argument("--samples", type=int, default=1, help="videos from one run (-o name gets -1, -2, ...)")
     run = g.add_argument_group("how it runs")
-    run.add_argument("--attention", default="sla", choices=["sla", "sagesla", "original"], help="(default sla)")
+    run.add_argument("--attention", default="sla", choices=["sla", "sagesla", "original", "sagesla_spargeattn"],
+                     help="(default sla; sagesla_spargeattn needs SpargeAttn installed)")
     run.add_argument("--sla-topk", type=float, default=0.1, help="fraction of key blocks SLA keeps (default 0.1)")
     run.add_argument("--quant", default="w8a16", choices=["w8a16", "w8a8"],
                      help="how int8 weights run: dequantized (w8a16) or int8 x int8 (w8a8)")

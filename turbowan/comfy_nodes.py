@@ -48,7 +48,7 @@ from .video import FORMATS, write_video
 log = logging.getLogger("turbowan")
 
 CATEGORY = "video/turbodiffusion"
-ATTENTION_TYPES = ("sla", "sagesla", "original")
+ATTENTION_TYPES = ("sla", "sagesla", "original", "sagesla_spargeattn")
 TEXT_WIDTH = 4096  # umT5-xxl
 
 
@@ -109,7 +109,8 @@ class TurboWanModelLoader:
                     "default": "sla",
                     "tooltip": "sla: sparse-linear attention the models were distilled with (Triton kernel on CUDA). "
                                "sagesla: SLA with int8 Q/K (Triton), falls back to sla where it cannot run. "
-                               "original: dense attention, slower."}),
+                               "original: dense attention, slower. sagesla_spargeattn: the reference's SageSLA "
+                               "through SpargeAttn's CUDA kernels (install SpargeAttn; H100/H200)."}),
                 "sla_topk": ("FLOAT", {
                     "default": 0.1, "min": 0.01, "max": 1.0, "step": 0.01,
                     "tooltip": "Fraction of key blocks each query block attends to exactly (sla / sagesla)."}),

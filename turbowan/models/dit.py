@@ -328,7 +328,8 @@ def load_dit(
 ) -> WanI2VDiT:
     """Load one TurboWan2.2 I2V expert for inference.
 
-    * ``attention``: ``"sla"`` (default), ``"sagesla"`` or ``"original"`` (dense; the SLA weights go unused).
+    * ``attention``: ``"sla"`` (default), ``"sagesla"``, ``"sagesla_spargeattn"`` (needs SpargeAttn installed) or
+      ``"original"`` (dense; the SLA weights go unused).
     * ``quant``: how int8 weights run: ``"w8a16"`` (dequantize to ``dtype``) or ``"w8a8"`` (int8 activations,
       the reference's numerics). A bf16 file with ``"w8a8"`` is quantized at load with the reference's rule.
     * ``device``: where the weights go; ``None`` keeps them on the CPU, to be placed on the GPU by the pipeline
@@ -343,6 +344,11 @@ def load_dit(
 
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+    if attention == "sagesla_spargeattn":
+        from ..kernels import SPARGEATTN_MISSING, spargeattn_dispatch
+
+        if spargeattn_dispatch() is None:
+            raise ValueError(SPARGEATTN_MISSING)
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     if mode not in EXECUTION_MODES:

@@ -6,7 +6,9 @@ Kinds (the loader's ``attention_type``):
                      Triton kernel runs it, elsewhere the pure-PyTorch implementation.
   * ``"sagesla"``  - SLA with int8 Q/K (and fp8 P.V on cards that have it): our Triton kernel on CUDA with
                      bf16/fp16 inputs on compute capability 8.0+; otherwise a one-line notice and the ``"sla"``
-                     path. (SpargeAttn is not needed and not used.)
+                     path. (SpargeAttn is not needed.)
+  * ``"sagesla_spargeattn"`` - the reference's SageSLA through SpargeAttn's CUDA kernels, for those who installed
+                     it and ask for it (`turbowan.kernels.spargeattn`); an error, not a fallback, when it is missing.
 
 All take q, k, v as [B, L, H, D] and return [B, L, H, D].
 """
@@ -19,11 +21,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..kernels import sagesla_dispatch, sla_dispatch
+from ..kernels import SPARGEATTN_MISSING, sagesla_dispatch, sla_dispatch, spargeattn_dispatch
 
 log = logging.getLogger("turbowan")
 
-ATTENTION_KINDS = ("sla", "sagesla", "original")
+ATTENTION_KINDS = ("sla", "sagesla", "sagesla_spargeattn", "original")
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,11 +78,16 @@ def self_attention(
     """Self-attention of one DiT block through the configured kind. [B, L, H, D] in and out."""
     if kind == "original":
         return dense_attention(q, k, v)
-    if kind not in ("sla", "sagesla"):
+    if kind not in ATTENTION_KINDS:
         raise ValueError(f"unknown attention type {kind!r}; choose one of {ATTENTION_KINDS}")
     if proj_l is None:
         raise ValueError(f"attention_type {kind!r} needs the SLA proj_l weights, which this model does not have")
     w, b = proj_l.weight, proj_l.bias
+    if kind == "sagesla_spargeattn":  # asked for by name: no silent substitute
+        fast = spargeattn_dispatch() if q.is_cuda else None
+        if fast is None:
+            raise RuntimeError(SPARGEATTN_MISSING)
+        return fast(q, k, v, w, b, topk)
     d = q.shape[-1]
     if q.is_cuda and d >= 16 and d & (d - 1) == 0:  # the Triton kernels take power-of-two head dims
         if kind == "sagesla":

@@ -127,7 +127,7 @@ def _sparse_attention(q, k, v, lut, blkq: int, blkk: int) -> torch.Tensor:
     return out[:, :, :length]
 
 
-def _linear_attention(q, k, v) -> torch.Tensor:
+def linear_attention(q, k, v) -> torch.Tensor:
     """Softmax-feature-map linear attention over all keys, in the inputs' dtype. (B, H, L, D) -> (B, H, L, D)."""
     phi_q = torch.softmax(q, dim=-1)
     phi_k = torch.softmax(k, dim=-1)
@@ -164,5 +164,5 @@ def sla_attention(
     compute = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
     qh, kh, vh = (t.transpose(1, 2).to(compute) for t in (q, k, v))  # (B, H, L, D)
     o_s = _sparse_attention(qh, kh, vh, lut, blkq, blkk)
-    o_l = F.linear(_linear_attention(qh, kh, vh), proj_l_weight.to(compute), proj_l_bias.to(compute))
+    o_l = F.linear(linear_attention(qh, kh, vh), proj_l_weight.to(compute), proj_l_bias.to(compute))
     return (o_s + o_l).to(q.dtype).transpose(1, 2).contiguous()

@@ -5,7 +5,7 @@ Sections of the report:
 * machine: GPU(s) with free memory, host RAM, and the versions of torch, CUDA, cuDNN, Triton and PyAV;
 * kernels: every attention backend and int8 path is run on a tiny input and compared with the PyTorch path
   (dense SDPA backends against an fp32 softmax; our Triton SLA / SageSLA against `turbowan.ops.sla`; the Triton
-  W8A8 layer against the exact emulation in `turbowan.ops.int8`); SpargeAttn is only checked for import;
+  W8A8 layer against the exact emulation in `turbowan.ops.int8`); SpargeAttn is only checked for import (its compiled modules);
 * model files: what is found in a ComfyUI models folder and whether each file is the right kind for its slot,
   reading only the .safetensors header or a memory-mapped .pth (seconds, even for 14 GB files);
 * memory: per execution mode, the longest clip at 720p and 480p that should fit the free GPU memory, from
@@ -316,11 +316,13 @@ def check_spargeattn() -> Check:
     name = "SpargeAttn (optional, package spas_sage_attn)"
     if importlib.util.find_spec("spas_sage_attn") is None:
         return Check(name, None, "not installed (not needed: turbowan's own kernels cover sla and sagesla)")
-    try:
-        importlib.import_module("spas_sage_attn")
-    except Exception as exc:
-        return Check(name, False, f"installed but does not import: {type(exc).__name__}: {str(exc)[:100]}")
-    return Check(name, True, f"imports (version {_version('spas_sage_attn') or 'unknown'})")
+    from .kernels import spargeattn
+
+    if not spargeattn.available():
+        return Check(name, False, "installed, but its compiled modules do not import here (built for another torch / "
+                                  "CUDA?); attention_type 'sagesla_spargeattn' will refuse to load")
+    return Check(name, True, f"imports (version {_version('spas_sage_attn') or 'unknown'}); "
+                             "attention_type 'sagesla_spargeattn' can use it on H100/H200")
 
 
 def check_int8(device: torch.device) -> list[Check]:

@@ -39,7 +39,8 @@ def sagesla_spargeattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l
     from spas_sage_attn import _qattn as qattn
     from spas_sage_attn.utils import block_map_lut_triton, get_vanilla_qk_quant
 
-    from ..ops.sla import check_sla_inputs, linear_attention, sla_block_map
+    from ..ops.sla import check_sla_inputs, linear_attention
+    from .sla_triton import sla_block_map_triton  # SpargeAttn needs Triton itself, so this is always importable
 
     check_sla_inputs(q, k, v, proj_l_weight, proj_l_bias)
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -49,7 +50,7 @@ def sagesla_spargeattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l
     if d not in (64, 128):
         raise ValueError(f"SpargeAttn's kernels take head dim 64 or 128, not {d}; use 'sagesla'")
 
-    lut, _ = sla_block_map(q, k, topk, BLKQ, BLKK)  # (B, H, nQ, n) sorted; the reference's get_block_map
+    lut, _ = sla_block_map_triton(q, k, topk, BLKQ, BLKK)  # (B, H, nQ, n) sorted; the reference's get_block_map
     block_map = torch.zeros(b, h, lut.shape[2], -(-length // BLKK), dtype=torch.int8, device=q.device)
     block_map.scatter_(-1, lut, 1)
     kernel_lut, valid_blocks = block_map_lut_triton(block_map)

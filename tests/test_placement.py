@@ -108,3 +108,32 @@ def test_cancelled_run_leaves_models_where_they_were():
                               width=64, height=48, device="cpu", progress=cancel)
     assert high.device.type == low.device.type == vae.device.type == "cpu"
     assert high.streamer is None and low.streamer is None
+
+
+def _fake_free_memory(monkeypatch, free):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, free))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+
+
+def test_resident_with_room_to_spare_runs_the_ffn_in_one_piece(monkeypatch):
+    high = random_dit(TINY, attention="original")
+    _fake_free_memory(monkeypatch, 1 << 40)
+    place = Placement(torch.device("cuda"))
+    assert place.resolve_mode(high, high, tokens=75600) == "resident"
+    assert place.ffn_chunk is None
+
+
+def test_tight_memory_keeps_the_ffn_chunked(monkeypatch):
+    from turbowan.placement import FFN_CHUNK_TOKENS, activation_bytes
+
+    high = random_dit(TINY, attention="original")
+    high.execution_mode = "resident"  # explicit: resident even though the unchunked FFN would not fit
+    whole = activation_bytes(75600, TINY.dim, TINY.ffn_dim, None)
+    _fake_free_memory(monkeypatch, 2 * tensor_bytes(high) + whole // 2)
+    place = Placement(torch.device("cuda"))
+    assert place.resolve_mode(high, high, tokens=75600) == "resident"
+    assert place.ffn_chunk == FFN_CHUNK_TOKENS
+    high.execution_mode = "stream"
+    _fake_free_memory(monkeypatch, 1 << 40)
+    assert place.resolve_mode(high, high, tokens=75600) == "stream" and place.ffn_chunk == FFN_CHUNK_TOKENS

@@ -164,6 +164,7 @@ class Placement:
         self.before_load = before_load
         # id -> (model, how, home): how is "host" (device copies of host weights), "stream" or "move" (.to())
         self.loaded: dict[int, tuple[object, str, torch.device]] = {}
+        self.ffn_chunk: Optional[int] = FFN_CHUNK_TOKENS  # tokens per FFN pass; None: all at once (set per run)
 
     # -- experts -------------------------------------------------------------------------------------------
     def resolve_mode(self, high, low, tokens: int, allow_resident: bool = True) -> str:
@@ -173,19 +174,27 @@ class Placement:
         mode = getattr(high, "execution_mode", "auto")
         if self.device.type != "cuda":
             return "resident"  # nothing to move: CPU runs in place
-        if mode != "auto":
-            return mode
         c = high.config
-        act = activation_bytes(tokens, c.dim, c.ffn_dim, FFN_CHUNK_TOKENS)
         one, other = tensor_bytes(high), tensor_bytes(low)
-        self._before(max(one, other) + act)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        mode = choose_mode(free, one, other if allow_resident else 1 << 62, act)
-        if mode == "resident" and not allow_resident:
-            mode = "swap"
-        log.info("turbowan: execution mode auto -> %s (%.1f GB free)", mode, free / 1e9)
+        if mode == "auto":
+            act = activation_bytes(tokens, c.dim, c.ffn_dim, FFN_CHUNK_TOKENS)
+            self._before(max(one, other) + act)
+            free = self._free_bytes()
+            mode = choose_mode(free, one, other if allow_resident else 1 << 62, act)
+            if mode == "resident" and not allow_resident:
+                mode = "swap"
+            log.info("turbowan: execution mode auto -> %s (%.1f GB free)", mode, free / 1e9)
+        # The FFN runs in token chunks to bound its [L, ffn_dim] activations; when both experts and the whole
+        # activation fit with room to spare, it runs in one piece (no concatenation, full-size GEMMs).
+        whole = activation_bytes(tokens, c.dim, c.ffn_dim, None)
+        roomy = mode == "resident" and (one + other + whole) * 1.1 < self._free_bytes()
+        self.ffn_chunk = None if roomy else FFN_CHUNK_TOKENS
         return mode
+
+    def _free_bytes(self) -> int:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # Memory PyTorch holds in its cache but does not use is also available.
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
     def _host(self, module: nn.Module) -> HostWeights:
         # Not pinned: an expert moves once per run (pinning 15-29 GB costs more than it saves); stream pins its blocks.
@@ -201,7 +210,7 @@ class Placement:
         if self.device.type != "cuda":
             self._move(model)
             return
-        model_ffn_chunk(model, FFN_CHUNK_TOKENS)
+        model_ffn_chunk(model, self.ffn_chunk)
         if mode == "stream":
             small = [m for name, m in model.named_children() if name != "blocks"]
             nbytes = sum(tensor_bytes(m) for m in small) + 2 * tensor_bytes(model.blocks[0])

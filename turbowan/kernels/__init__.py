@@ -49,8 +49,11 @@ def sagesla_dispatch():
 
 
 def spargeattn_dispatch():
-    """SageSLA through SpargeAttn's CUDA kernels (when `spas_sage_attn` is installed), same signature as SLA's."""
-    return _load("spargeattn", "sagesla_spargeattn")
+    """SageSLA through SpargeAttn's CUDA kernels (when `spas_sage_attn` is installed), same signature as SLA's,
+    or None. Asked for by name only, so no fallback notice: the caller refuses with SPARGEATTN_MISSING."""
+    from . import spargeattn
+
+    return spargeattn.sagesla_spargeattn if spargeattn.available() else None
 
 
 SPARGEATTN_MISSING = (

@@ -146,11 +146,13 @@ def test_bf16_path_stays_close_to_fp32_path():
 
 
 def _triton_device():
-    from turbowan.kernels.sla_triton import _interpreting, triton_available
+    from turbowan.kernels.sla_triton import triton_available
 
-    if not triton_available():
-        pytest.skip("needs CUDA and Triton (or TRITON_INTERPRET=1)")
-    return "cpu" if _interpreting() and not torch.cuda.is_available() else "cuda"
+    # Triton 3.6's CPU interpreter truncates bf16 casts and rejects this kernel's run-time loop bounds, so these
+    # comparisons only mean something on a GPU (23 pass on an H200: bench/RESULTS.md).
+    if not (triton_available() and torch.cuda.is_available()):
+        pytest.skip("needs CUDA and Triton")
+    return "cuda"
 
 
 def _structured_inputs(batch, length, heads, dim, dtype, device, seed):

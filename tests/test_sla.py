@@ -1,7 +1,7 @@
 """Sparse-linear attention (turbowan.ops.sla) against the reference fixtures and a float64 dense re-statement.
 
 The GPU part at the bottom pins the Triton kernels (turbowan.kernels.sla_triton) to the torch path; it skips without
-CUDA + Triton (or the Triton CPU interpreter, TRITON_INTERPRET=1) and is run on the device by bench/attention.py.
+CUDA + Triton and is run on the device by bench/attention.py.
 """
 
 from __future__ import annotations

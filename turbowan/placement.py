@@ -152,6 +152,12 @@ def _should_pin(nbytes: int) -> bool:
     return torch.cuda.is_available() and ram is not None and nbytes < 0.35 * ram
 
 
+def free_cuda_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device, counting what PyTorch holds in its cache but does not use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 FFN_CHUNK_TOKENS = 16384
 
 
@@ -192,9 +198,7 @@ class Placement:
         return mode
 
     def _free_bytes(self) -> int:
-        free, _ = torch.cuda.mem_get_info(self.device)
-        # Memory PyTorch holds in its cache but does not use is also available.
-        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return free_cuda_bytes(self.device)
 
     def _host(self, module: nn.Module) -> HostWeights:
         # Not pinned: an expert moves once per run (pinning 15-29 GB costs more than it saves); stream pins its blocks.

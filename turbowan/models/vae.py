@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import vae_norm_dispatch
-from ..placement import default_device
+from ..placement import default_device, free_cuda_bytes
 from ..progress import ProgressHook, report
 
 SPATIAL_COMPRESSION = 8
@@ -559,10 +559,7 @@ class WanVAE:
         """`tile_for_budget` with 90% of the free CUDA memory; None (no tiling) on CPU."""
         if self.device.type != "cuda":
             return None
-        free, _ = torch.cuda.mem_get_info(self.device)
-        # Memory PyTorch holds in its cache but does not use is also available.
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return self.tile_for_budget(stage, grid, 0.9 * free, batch, frames)
+        return self.tile_for_budget(stage, grid, 0.9 * free_cuda_bytes(self.device), batch, frames)
 
 
 def _dtype_size(dtype: torch.dtype) -> int:

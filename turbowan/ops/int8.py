@@ -144,7 +144,7 @@ class Int8Linear(nn.Module):
         return w
 
     def forward_quantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, lead: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """W8A8 on CUDA for an input already quantized by `shared_int8_input` / `int8_ffn`: -> [*lead, N]."""
+        """W8A8 on CUDA for an input already quantized by `shared_int8_input`: -> [*lead, N]."""
         from ..kernels import int8_gemm_dispatch
 
         y = int8_gemm_dispatch()(x_q, x_scale, self.int8_weight, self.scale, self.bias, dtype)

@@ -146,11 +146,11 @@ def test_bf16_path_stays_close_to_fp32_path():
 
 
 def _triton_device():
-    from turbowan.kernels.sla_triton import triton_available
+    from turbowan.kernels import triton_runnable
 
     # Triton 3.6's CPU interpreter truncates bf16 casts and fails on the sparse kernel's run-time loop, so these
     # comparisons only mean something on a GPU (23 pass on an H200: bench/RESULTS.md).
-    if not (triton_available() and torch.cuda.is_available()):
+    if not (triton_runnable() and torch.cuda.is_available()):
         pytest.skip("needs CUDA and Triton")
     return "cuda"
 

@@ -9,8 +9,26 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
+
+import torch
 
 log = logging.getLogger("turbowan")
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is switched on (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_runnable() -> bool:
+    """Triton imports and can run here: a CUDA device is present, or the interpreter is on."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or interpreting()
 
 
 @functools.lru_cache(maxsize=None)
@@ -18,7 +36,7 @@ def _load(module: str, attr: str):
     try:
         mod = importlib.import_module(f".{module}", __name__)
         fn = getattr(mod, attr)
-        ok = (getattr(mod, "available", None) or getattr(mod, "triton_available"))()
+        ok = mod.available()
     except Exception as exc:  # ImportError for triton, or a kernel module not present yet
         log.warning("turbowan: %s unavailable (%s: %s); using the PyTorch path", module, type(exc).__name__, exc)
         return None

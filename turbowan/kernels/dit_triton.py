@@ -22,8 +22,6 @@ per call at 720p; x [B, L, dim], weight / bias [dim] fp32, shift / scale [B, 1, 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:  # optional: the package imports and runs (on the PyTorch path) without Triton
@@ -32,14 +30,12 @@ try:  # optional: the package imports and runs (on the PyTorch path) without Tri
 except ImportError:
     triton = None
 
+from . import triton_runnable as available  # read by turbowan.kernels
+
 
 # One program per token row (up to 8192 values in registers). No fp contraction: PyTorch's path rounds every
 # product before the following add, and these passes are memory-bound, so fused multiply-adds would buy nothing.
 _LAUNCH = dict(num_warps=8, enable_fp_fusion=False)
-
-
-def available() -> bool:
-    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:
@@ -116,8 +112,6 @@ if triton is not None:
         g = _rounded(tl.load(GATE + (row // L) * WIDTH + e, mask=inside, other=0.0), OUT)
         gy = _rounded(y * g, OUT)  # PyTorch rounds the product, then the sum
         tl.store(OUT + row * WIDTH + e, (x + gy).to(OUT.dtype.element_ty), mask=inside)
-
-
 
 
 def layer_norm_rows(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,

@@ -21,7 +21,7 @@ import torch
 from ..ops.sla import check_sla_inputs
 from . import sla_triton
 from .sla_triton import _block_lut, _check_kernel_shapes, _head_contiguous, _interpreting, _key_stats, triton
-from .sla_triton import triton_available as available  # noqa: F401  (read by turbowan.kernels)
+from . import triton_runnable as available  # noqa: F401  (read by turbowan.kernels)
 
 _FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 _LOG2E = 1.4426950408889634

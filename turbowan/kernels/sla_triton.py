@@ -13,13 +13,10 @@
 q, k, v are read in place in their (B, L, H, D) layout (any strides with the head dim contiguous), so nothing is
 transposed or copied; out is a new contiguous (B, L, H, D) tensor.
 
-Triton is imported lazily: importing this module needs no Triton; `triton_available()` says whether it can run.
+Triton is imported lazily: importing this module needs no Triton; `available()` says whether it can run.
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 
@@ -29,6 +26,8 @@ try:  # optional: the package imports and runs (on the torch path) without Trito
 except ImportError:
     triton = None
 
+from . import interpreting as _interpreting
+from . import triton_runnable as available  # read by turbowan.kernels
 from ..ops.sla import check_sla_inputs, selected_block_count
 
 # Kernel tile choices (BLOCK_N = 64 * pair, warps, pipeline stages), picked on an H100 by bench/attention.py.
@@ -36,16 +35,6 @@ DEFAULT_CONFIG = {"pair": 2, "num_warps": 8, "num_stages": 3}
 _FP32_CONFIG = {"pair": 1, "num_warps": 8, "num_stages": 1}
 _ROWS_PER_SPLIT = 4096  # rows of one head reduced by one program of the key-stats pass
 _STATS_BLOCK = 64
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """True when Triton imports and a CUDA device is present (or the Triton interpreter is switched on)."""
-    return triton is not None and (torch.cuda.is_available() or _interpreting())
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels():

@@ -14,9 +14,6 @@ Triton is imported lazily: importing this module needs no Triton; `available()` 
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
 try:  # optional: the package imports and runs (on the torch path) without Triton
@@ -25,22 +22,15 @@ try:  # optional: the package imports and runs (on the torch path) without Trito
 except ImportError:
     triton = None
 
+from . import interpreting as _interpreting
+from . import triton_runnable as available  # read by turbowan.kernels
+
 EPS = 1e-12  # F.normalize's default
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements of one program's [ROWS, C_pow2] tile: 32 per thread at 4 warps (four 16-byte loads per thread in
 # bf16), so a program moves 8 KiB in and 8 KiB out of 16-bit data. A first choice, not tuned on a GPU yet.
 TILE_ELEMENTS = 4096
 NUM_WARPS = 4
-
-
-@functools.lru_cache(maxsize=1)
-def available() -> bool:
-    """True when Triton imports and a CUDA device is present (or the Triton interpreter is switched on)."""
-    return triton is not None and (torch.cuda.is_available() or _interpreting())
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

@@ -182,23 +182,23 @@ class Placement:
             return "resident"  # nothing to move: CPU runs in place
         c = high.config
         one, other = tensor_bytes(high), tensor_bytes(low)
+        free = None
         if mode == "auto":
             act = activation_bytes(tokens, c.dim, c.ffn_dim, FFN_CHUNK_TOKENS)
             self._before(max(one, other) + act)
-            free = self._free_bytes()
+            free = free_cuda_bytes(self.device)
             mode = choose_mode(free, one, other if allow_resident else 1 << 62, act)
             if mode == "resident" and not allow_resident:
                 mode = "swap"
             log.info("turbowan: execution mode auto -> %s (%.1f GB free)", mode, free / 1e9)
         # The FFN runs in token chunks to bound its [L, ffn_dim] activations; when both experts and the whole
         # activation fit with room to spare, it runs in one piece (no concatenation, full-size GEMMs).
-        whole = activation_bytes(tokens, c.dim, c.ffn_dim, None)
-        roomy = mode == "resident" and (one + other + whole) * 1.1 < self._free_bytes()
-        self.ffn_chunk = None if roomy else FFN_CHUNK_TOKENS
+        self.ffn_chunk = FFN_CHUNK_TOKENS
+        if mode == "resident":
+            free = free_cuda_bytes(self.device) if free is None else free
+            if (one + other + activation_bytes(tokens, c.dim, c.ffn_dim, None)) * 1.1 < free:
+                self.ffn_chunk = None
         return mode
-
-    def _free_bytes(self) -> int:
-        return free_cuda_bytes(self.device)
 
     def _host(self, module: nn.Module) -> HostWeights:
         # Not pinned: an expert moves once per run (pinning 15-29 GB costs more than it saves); stream pins its blocks.

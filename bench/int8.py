@@ -307,7 +307,7 @@ def main() -> None:
 
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-    fixtures = Path(os.environ.get("TURBOWAN_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    fixtures = Path(os.environ.get("TURBOWAN_FIXTURES", REPO / "tests" / "fixtures"))
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}",
           flush=True)

@@ -11,8 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fixtures_dir() -> Path:
-    """The reference fixtures: $TURBOWAN_FIXTURES, else ../shared/fixtures beside the checkout."""
-    path = Path(os.environ.get("TURBOWAN_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    """The reference fixtures: $TURBOWAN_FIXTURES, else the copy in tests/fixtures (data made by the reference)."""
+    path = Path(os.environ.get("TURBOWAN_FIXTURES", REPO / "tests" / "fixtures"))
     if not (path / "manifest.json").exists():
         pytest.skip(f"reference fixtures not found at {path} (set TURBOWAN_FIXTURES)")
     return path

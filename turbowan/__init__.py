@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .checkpoint import DiTConfig, ModelFileError
 from .models.dit import WanI2VDiT, load_dit
+from .placement import release, release_all, resident_models
 from .pipeline import ASPECT_RATIOS, RESOLUTIONS, check_num_frames, generate_i2v, target_size
 from .progress import ProgressHook
 from .sampler import expert_schedule, rcm_timesteps
@@ -49,5 +50,5 @@ def write_video(frames, path, fps: int = 16, format: str | None = None, quality:
 __all__ = [
     "ASPECT_RATIOS", "DiTConfig", "ModelFileError", "ProgressHook", "RESOLUTIONS", "WanI2VDiT",
     "check_num_frames", "expert_schedule", "generate_i2v", "load_dit", "load_text_encoder", "load_vae",
-    "rcm_timesteps", "target_size", "write_video",
+    "rcm_timesteps", "release", "release_all", "resident_models", "target_size", "write_video",
 ]

@@ -371,6 +371,7 @@ class TurboDiffusionI2VSampler:
                 ode=use_ode, progress=progress, device=mm.get_torch_device(),
                 before_load=make_before_load(activation_bytes(tokens, config.dim, config.ffn_dim, FFN_CHUNK_TOKENS)),
                 one_expert_at_a_time=True,  # 'auto' never parks both experts on a GPU ComfyUI shares
+                keep_loaded=False,  # ComfyUI cannot evict what it does not manage: nothing of ours stays between runs
             )
         except ValueError as exc:  # bad inputs (4n+1, conditioning width, swapped experts, ...): one sentence
             raise TurboWanError(str(exc)) from None

@@ -8,9 +8,10 @@ Steps (as thu-ml/TurboDiffusion's wan2.2_i2v_infer.py):
   4. rCM sampling with the high- then the low-noise expert (`turbowan.sampler`);
   5. VAE-decode -> frames [num_samples, F, H, W, 3] float32 in [0, 1].
 
-Memory: the models stay where the loaders put them (normally the CPU) and are moved to the compute device
-one at a time; ``before_load(nbytes, device)`` is called first so a host application (ComfyUI) can free
-memory, and every model is moved back in a ``finally`` block, also when the run is cancelled.
+Memory: the models' home is where the loaders put them (normally the CPU, memory-mapped); `turbowan.placement`
+copies them to the compute device per the execution mode (the experts' copies overlap the VAE encode) and keeps
+them there after the run for the next one. ``before_load(nbytes, device)`` is called first so a host
+application (ComfyUI) can free memory; a failed or cancelled run releases everything it loaded.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from .progress import ProgressHook
 from .placement import Placement, default_device
-from .sampler import initial_noise, sample_rcm
+from .sampler import expert_schedule, initial_noise, rcm_timesteps, sample_rcm
 
 log = logging.getLogger("turbowan")
 
@@ -241,6 +242,8 @@ def generate_i2v(
     device=None,
     before_load: Optional[Callable[[int, torch.device], None]] = None,
     one_expert_at_a_time: bool = False,
+    keep_loaded: bool = True,
+    on_frames: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """Generate ``num_samples`` videos from one image and one prompt embedding.
 
@@ -251,6 +254,11 @@ def generate_i2v(
     cancels the run (models are moved back all the same).
     ``before_load(nbytes, device)`` is called before models go onto the GPU (ComfyUI frees memory there);
     ``one_expert_at_a_time`` keeps execution mode ``auto`` from holding both experts on the GPU.
+    ``keep_loaded``: the models stay on the GPU after the run, so the next run with them moves nothing; they
+    leave when memory is needed or on `turbowan.release_all()` (False: everything goes back at the end).
+    ``on_frames(sample, start, frames)`` gets each decoded chunk as soon as it is final ([t, H, W, 3] float in
+    [0, 1] on the device, frames ``start .. start + t - 1`` of that sample): a video writer can encode while the
+    VAE decodes.
     """
     check_num_frames(num_frames)
     if num_samples < 1:
@@ -269,11 +277,18 @@ def generate_i2v(
     image_tensor = resize_image_tensor(img, is_uint8, w, h)  # [1, 3, h, w]
     log.info("turbowan: %dx%d, %d frames, %d steps, seed %d", w, h, num_frames, num_steps, seed)
 
-    place = Placement(device, before_load)
+    place = Placement(device, before_load, keep_loaded=keep_loaded)
     lat_t, lat_h, lat_w = 1 + (num_frames - 1) // 4, h // 8, w // 8
     mode = place.resolve_mode(high, low, tokens=num_samples * lat_t * (lat_h // 2) * (lat_w // 2),
                               allow_resident=not one_expert_at_a_time)
+    experts = {"high": high, "low": low}
+    ok = False
     try:
+        # Start copying the experts in now: the copies run in the background while the VAE encodes.
+        first = expert_schedule(rcm_timesteps(num_steps, sigma_max), boundary)[0]
+        for name in (("high", "low") if mode == "resident" else (first,)):
+            place.start_expert(experts[name], mode)
+
         # 1. image latents
         place.load_vae(vae)
         frames_in = torch.zeros(1, 3, num_frames, h, w, device=device)  # the image, then black frames
@@ -281,7 +296,8 @@ def generate_i2v(
         tile = _vae_tile(vae, "encode", (lat_h, lat_w), mode, device, num_frames)
         latents = vae.encode(frames_in, progress=progress, tile=tile)  # [1, 16, T, h/8, w/8]
         del frames_in
-        place.unload(vae)
+        if mode != "resident":
+            place.unload(vae)  # its memory goes to the expert
         _, zc, T, lh, lw = latents.shape
         mask = torch.zeros(1, 4, T, lh, lw, device=latents.device)
         mask[:, :, 0] = 1.0
@@ -290,15 +306,13 @@ def generate_i2v(
         # 2. sampling
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = initial_noise((num_samples, zc, T, lh, lw), generator)
-        experts = {"high": high, "low": low}
-        if mode == "resident":
-            place.load_expert(high, mode)
-            place.load_expert(low, mode)
 
         def select(name: str):
             other = experts["low" if name == "high" else "high"]
-            if mode != "resident" and other is not experts[name]:
+            if mode == "swap" and other is not experts[name]:
                 place.unload(other)
+            if mode == "stream":
+                place.drop_prefetched()  # the previous expert's blocks copied in ahead
             place.load_expert(experts[name], mode)
             return experts[name]
 
@@ -307,16 +321,26 @@ def generate_i2v(
             num_steps=num_steps, sigma_max=sigma_max, boundary=boundary, ode=ode,
             generator=generator, dtype=dtype, device=device, progress=progress,
         )
-        place.unload(high)
-        place.unload(low)
+        if mode == "swap":
+            place.unload(high)
+            place.unload(low)
+        elif mode == "stream":
+            place.drop_prefetched()
 
         # 3. decode, one sample at a time (same result as a batch, less memory)
         place.load_vae(vae)
         videos = []
         tile = _vae_tile(vae, "decode", (lat_h, lat_w), mode, device, num_frames)
         for i in range(num_samples):
-            video = vae.decode(samples[i : i + 1], progress=progress, tile=tile)  # [1, 3, F, H, W] in [-1, 1]
-            videos.append(((video.float().clamp(-1, 1) + 1) / 2).cpu())
-        return torch.cat(videos).permute(0, 2, 3, 4, 1).contiguous()  # [S, F, H, W, 3]
+            frames_hook = None if on_frames is None else (lambda start, chunk, i=i: on_frames(i, start, _to_rgb(chunk)[0]))
+            video = vae.decode(samples[i : i + 1], progress=progress, tile=tile, on_frames=frames_hook)
+            videos.append(_to_rgb(video)[0].contiguous().cpu())  # [F, H, W, 3]
+        ok = True
+        return torch.stack(videos)  # [S, F, H, W, 3]
     finally:
-        place.unload_all()
+        place.finish(ok)
+
+
+def _to_rgb(video: torch.Tensor) -> torch.Tensor:
+    """VAE output [B, 3, F, H, W] in [-1, 1] -> [B, F, H, W, 3] float32 in [0, 1], on the same device."""
+    return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)

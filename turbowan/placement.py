@@ -1,27 +1,39 @@
-"""Where expert weights live during a run: the execution modes.
+"""Where models live during a run and between runs: the execution modes and the process's residency.
 
-* ``resident``: both experts on the GPU for the whole run (fastest; needs memory for two experts).
-* ``swap``:     one expert on the GPU at a time; the other waits in pinned host memory (the reference's way).
-* ``stream``:   the expert's 40 blocks stay in pinned host memory; each block is copied to the GPU on a side
-                stream while the previous block computes, so only ~two blocks of weights are on the GPU.
-* ``auto``:     picks the first of resident / swap / stream whose estimate fits the free GPU memory.
+Execution modes (per run, on CUDA):
 
-Weights are never copied back device->host: the host copy is the home, and unloading just points the
-parameters at it again (weights are read-only at inference).
+* ``resident``: both experts on the GPU (fastest; needs memory for two experts).
+* ``swap``:     one expert on the GPU at a time (the reference's way).
+* ``stream``:   the expert's small parts stay on the GPU; its 40 blocks stay in host memory and each is copied
+                in while earlier blocks compute, so only a few blocks of weights are on the GPU.
+* ``auto``:     the first of resident / swap / stream whose estimate fits the free GPU memory.
+
+Every host->GPU weight copy goes through the staging ring (`turbowan.staging`): a few pinned buffers filled
+by CPU threads from the memory-mapped or pageable home copy. No mode pins a whole expert.
+
+Residency: models put on a GPU stay there after a run (``keep_loaded``), so the next run with the same
+models moves nothing. They leave when a later load needs their memory (least recently used first), when
+`release` / `release_all` is called, or when a run fails. Weights are never copied back device->host:
+the host copy is the home, and releasing just points the parameters at it again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Callable, Iterable, Optional
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
+from .staging import Upload, staging_ring
+
 log = logging.getLogger("turbowan")
 
 EXECUTION_MODES = ("auto", "resident", "swap", "stream")
+STREAM_PREFETCH_BLOCKS = 2  # blocks copied in ahead of the one computing
+MARGIN = 1.1
 
 
 def default_device() -> torch.device:
@@ -44,80 +56,69 @@ def tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for _, _, t in module_tensors(module))
 
 
-def _set(mod: nn.Module, name: str, data: torch.Tensor) -> None:
-    t = getattr(mod, name)
-    t.data = data
-
-
 class HostWeights:
-    """A module's weights kept in host memory (pinned when CUDA is present), put on a device on demand."""
+    """A module's weights: the home copy in host memory, and device copies attached on demand."""
 
-    def __init__(self, module: nn.Module, pin: bool):
+    def __init__(self, module: nn.Module):
         self.entries = module_tensors(module)
-        self.host = []
-        for mod, name, t in self.entries:
-            h = t.data if t.device.type == "cpu" else t.data.cpu()
-            if pin and not h.is_pinned():
-                h = h.pin_memory()
-            self.host.append(h)
-            _set(mod, name, h)
+        self.host = [t.data for _, _, t in self.entries]
 
-    def to_device(self, device: torch.device, stream: Optional[torch.cuda.Stream] = None) -> list[torch.Tensor]:
-        bufs = []
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
-            for (mod, name, _), h in zip(self.entries, self.host):
-                d = h.to(device, non_blocking=True)
-                bufs.append(d)
-        return bufs
+    def upload(self, device: torch.device) -> Upload:
+        return staging_ring(device).upload(self.host)
 
-    def attach(self, bufs: Iterable[torch.Tensor]) -> None:
+    def attach(self, bufs) -> None:
         for (mod, name, _), d in zip(self.entries, bufs):
-            _set(mod, name, d)
+            getattr(mod, name).data = d
 
     def detach(self) -> None:
-        for (mod, name, _), h in zip(self.entries, self.host):
-            _set(mod, name, h)
+        self.attach(self.host)
 
 
 class BlockStreamer:
-    """Runs a DiT's blocks with weights streamed from pinned host memory, one block ahead on a side stream."""
+    """Runs a DiT's blocks with weights copied in from host memory, ``prefetch`` blocks ahead of the one computing.
 
-    def __init__(self, blocks: nn.ModuleList, device: torch.device, pin: bool = True):
+    Installed as forward hooks on the blocks, so the network code knows nothing of it. The prefetch wraps
+    around to the first blocks, so the next step (or the next run) starts without waiting."""
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device, prefetch: int = STREAM_PREFETCH_BLOCKS):
         self.device = device
-        self.blocks = [HostWeights(b, pin) for b in blocks]
-        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._pending: dict[int, tuple[list[torch.Tensor], Optional[torch.cuda.Event]]] = {}
+        self.prefetch = prefetch
+        self.blocks = [HostWeights(b) for b in blocks]
+        self.pending: dict[int, Upload] = {}
+        self.hooks = []
+        for i, block in enumerate(blocks):
+            self.hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: self.enter(i)))
+            self.hooks.append(block.register_forward_hook(lambda m, a, o, i=i: self.leave(i)))
 
-    def _prefetch(self, i: int) -> None:
-        if i >= len(self.blocks) or i in self._pending:
-            return
-        bufs = self.blocks[i].to_device(self.device, self.side)
-        ev = None
-        if self.side is not None:
-            ev = torch.cuda.Event()
-            ev.record(self.side)
-        self._pending[i] = (bufs, ev)
+    def _start(self, i: int) -> None:
+        i %= len(self.blocks)
+        if i not in self.pending:
+            self.pending[i] = self.blocks[i].upload(self.device)
 
     def enter(self, i: int) -> None:
-        """Make block i's weights resident (waiting for its copy) and start copying block i+1."""
-        self._prefetch(i)
-        bufs, ev = self._pending.pop(i)
-        if ev is not None:
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(ev)
-            for b in bufs:
-                b.record_stream(main)  # the side stream's allocator must not reuse these until main is done
-        self.blocks[i].attach(bufs)
-        self._prefetch(i + 1)
+        """Make block i's weights resident (waiting for its copy) and start copying the next blocks."""
+        self._start(i)
+        self.blocks[i].attach(self.pending.pop(i).wait())
+        for j in range(1, self.prefetch + 1):
+            self._start(i + j)
 
     def leave(self, i: int) -> None:
         self.blocks[i].detach()
 
+    def warm(self) -> None:
+        """Start copying the first blocks, so the first step does not wait for them."""
+        for i in range(self.prefetch):
+            self._start(i)
+
+    def drop_prefetched(self) -> None:
+        self.pending.clear()  # the ring's record_stream keeps unfinished copies' memory safe
+
     def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
         for hw in self.blocks:
             hw.detach()
-        self._pending.clear()
+        self.pending.clear()
 
 
 def activation_bytes(tokens: int, dim: int, ffn_dim: int, ffn_chunk: Optional[int]) -> int:
@@ -129,53 +130,132 @@ def activation_bytes(tokens: int, dim: int, ffn_dim: int, ffn_chunk: Optional[in
 
 def choose_mode(free_bytes: int, expert_bytes: int, other_expert_bytes: int, act_bytes: int) -> str:
     """auto: resident if both experts and the activations fit, else swap if one does, else stream."""
-    margin = 1.1
-    if (expert_bytes + other_expert_bytes + act_bytes) * margin < free_bytes:
+    if (expert_bytes + other_expert_bytes + act_bytes) * MARGIN < free_bytes:
         return "resident"
-    if (expert_bytes + act_bytes) * margin < free_bytes:
+    if (expert_bytes + act_bytes) * MARGIN < free_bytes:
         return "swap"
     return "stream"
 
 
-def _host_ram_bytes() -> Optional[int]:
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not available (e.g. Windows)
-        return None
-
-
-def _should_pin(nbytes: int) -> bool:
-    """Pin host copies only when there is plenty of RAM: pinned pages cannot be swapped out."""
-    ram = _host_ram_bytes()
-    return torch.cuda.is_available() and ram is not None and nbytes < 0.35 * ram
-
-
 def free_cuda_bytes(device: torch.device) -> int:
-    """Free memory on a CUDA device, counting what PyTorch holds in its cache but does not use."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    """Free memory on a CUDA device for this process: what the driver reports plus what PyTorch caches unused,
+    capped by `torch.cuda.set_per_process_memory_fraction` when one is set."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    # a fraction can only have been set once CUDA is initialised (and asking earlier would initialise it)
+    fraction = get_fraction(device) if get_fraction is not None and torch.cuda.is_initialized() else 1.0
+    if fraction < 1.0:
+        available = min(available, int(fraction * total) - allocated)
+    return max(0, available)
 
 
 FFN_CHUNK_TOKENS = 16384
 
 
-class Placement:
-    """Puts models on the compute device for one run, following each expert's execution mode, and takes them
-    off again (also on error or cancel). ``before_load(nbytes, device)`` lets a host application free memory."""
+# -- residency ------------------------------------------------------------------------------------------------
 
-    def __init__(self, device: torch.device, before_load: Optional[Callable[[int, torch.device], None]] = None):
+
+@dataclass
+class Resident:
+    """One model on a device: ``how`` is "whole" (all weights copied in), "stream" (small parts copied in, blocks
+    streamed) or "move" (a plain ``.to()``, for the VAE and models not homed on the CPU)."""
+
+    model: object
+    device: torch.device
+    how: str
+    home: torch.device
+    nbytes: int
+    parts: list = field(default_factory=list)  # HostWeights attached on the device
+    pending: Optional[list] = None  # uploads not yet attached: (HostWeights, Upload)
+    streamer: Optional[BlockStreamer] = None
+
+    def finish_upload(self) -> None:
+        if self.pending is not None:
+            for hw, upload in self.pending:
+                hw.attach(upload.wait())
+            self.pending = None
+
+
+_residents: "OrderedDict[int, Resident]" = OrderedDict()  # least recently used first
+
+
+def _host_parts(model) -> dict[str, HostWeights]:
+    """The model's HostWeights per part ("all", or "small" for everything but the blocks), made once per model."""
+    parts = getattr(model, "_turbowan_host", None)
+    if parts is None:
+        parts = model._turbowan_host = {}
+    return parts
+
+
+def _release(entry: Resident) -> None:
+    if entry.how == "move":
+        entry.model.to(entry.home)
+        return
+    entry.pending = None
+    if entry.streamer is not None:
+        entry.streamer.close()
+    for hw in entry.parts:
+        hw.detach()
+
+
+def release(*models) -> None:
+    """Take these models off every device (back to their host copies) and return the memory to the driver."""
+    ids = {id(m) for m in models}
+    devices = set()
+    for key in [k for k, e in _residents.items() if id(e.model) in ids]:
+        entry = _residents.pop(key)
+        _release(entry)
+        devices.add(entry.device)
+    _empty_cache(devices)
+
+
+def release_all(device=None) -> None:
+    """Take every model this process keeps on ``device`` (all devices when None) off it."""
+    device = torch.device(device) if device is not None else None
+    release(*[e.model for e in _residents.values() if device is None or e.device == device])
+
+
+def resident_models(device=None) -> list:
+    """The models kept on ``device`` (all devices when None), least recently used first."""
+    device = torch.device(device) if device is not None else None
+    return [e.model for e in _residents.values() if device is None or e.device == device]
+
+
+def _empty_cache(devices) -> None:
+    if any(d.type == "cuda" for d in devices):
+        torch.cuda.empty_cache()
+
+
+# -- one run --------------------------------------------------------------------------------------------------
+
+
+class Placement:
+    """Puts the models of one run on the compute device per the execution mode. What it loads stays resident
+    after a successful run (``keep_loaded``); `finish(ok=False)` releases it. ``before_load(nbytes, device)``
+    lets a host application free its own memory before ours is allocated."""
+
+    def __init__(self, device: torch.device, before_load: Optional[Callable[[int, torch.device], None]] = None,
+                 keep_loaded: bool = True):
         self.device = device
         self.before_load = before_load
-        # id -> (model, how, home): how is "host" (device copies of host weights), "stream" or "move" (.to())
-        self.loaded: dict[int, tuple[object, str, torch.device]] = {}
+        self.keep_loaded = keep_loaded
+        self.used: set[int] = set()  # models this run needs: never evicted to make room
         self.ffn_chunk: Optional[int] = FFN_CHUNK_TOKENS  # tokens per FFN pass; None: all at once (set per run)
+
+    def _entry(self, model) -> Optional[Resident]:
+        entry = _residents.get(id(model))
+        return entry if entry is not None and entry.device == self.device else None
+
+    def _resident_bytes(self, models) -> int:
+        return sum(e.nbytes for m in models if (e := self._entry(m)) is not None and e.how != "stream")
 
     # -- experts -------------------------------------------------------------------------------------------
     def resolve_mode(self, high, low, tokens: int, allow_resident: bool = True) -> str:
-        """The mode for this run. ``auto`` first lets the host application free what one expert needs (so a
-        text encoder it still holds does not push us into a slower mode), then measures free memory.
+        """The mode for this run. ``auto`` first makes room for one expert (so that a text encoder the host
+        application still holds does not push us into a slower mode), then measures free memory, counting
+        what these experts already hold on the device and what other idle models of ours would give back.
         ``allow_resident=False`` keeps auto to one expert on the GPU at a time."""
         mode = getattr(high, "execution_mode", "auto")
         if self.device.type != "cuda":
@@ -186,83 +266,122 @@ class Placement:
         if mode == "auto":
             act = activation_bytes(tokens, c.dim, c.ffn_dim, FFN_CHUNK_TOKENS)
             self._before(max(one, other) + act)
-            free = free_cuda_bytes(self.device)
+            free = self._available()
             mode = choose_mode(free, one, other if allow_resident else 1 << 62, act)
             if mode == "resident" and not allow_resident:
                 mode = "swap"
-            log.info("turbowan: execution mode auto -> %s (%.1f GB free)", mode, free / 1e9)
+            log.info("turbowan: execution mode auto -> %s (%.1f GB available)", mode, free / 1e9)
         # The FFN runs in token chunks to bound its [L, ffn_dim] activations; when both experts and the whole
         # activation fit with room to spare, it runs in one piece (no concatenation, full-size GEMMs).
         self.ffn_chunk = FFN_CHUNK_TOKENS
         if mode == "resident":
-            free = free_cuda_bytes(self.device) if free is None else free
-            if (one + other + activation_bytes(tokens, c.dim, c.ffn_dim, None)) * 1.1 < free:
+            free = self._available() if free is None else free
+            if (one + other + activation_bytes(tokens, c.dim, c.ffn_dim, None)) * MARGIN < free:
                 self.ffn_chunk = None
         return mode
 
-    def _host(self, module: nn.Module) -> HostWeights:
-        # Not pinned: an expert moves once per run (pinning 15-29 GB costs more than it saves); stream pins its blocks.
-        hw = getattr(module, "_turbowan_host", None)
-        if hw is None:
-            hw = HostWeights(module, pin=False)
-            module._turbowan_host = hw
-        return hw
+    def _available(self) -> int:
+        """Free memory plus what our own resident models hold (already where needed, or released on demand)."""
+        idle = sum(e.nbytes for k, e in _residents.items() if e.device == self.device and e.how != "stream")
+        return free_cuda_bytes(self.device) + idle
 
-    def load_expert(self, model, mode: str) -> None:
-        if id(model) in self.loaded or model.device == self.device:
+    def start_expert(self, model, mode: str) -> None:
+        """Start putting an expert on the device for ``mode`` (copies run in the background); see `load_expert`."""
+        self.used.add(id(model))
+        entry = self._entry(model)
+        want = "stream" if mode == "stream" else "whole"
+        if entry is not None and entry.how in (want, "move"):
+            _residents.move_to_end(id(model))
+            if entry.streamer is not None:
+                entry.streamer.warm()
             return
-        if self.device.type != "cuda":
+        if entry is not None:
+            release(model)
+        if model.device == self.device:
+            return  # loaded onto this device by the caller: nothing to do
+        if model.device.type != "cpu" or self.device.type != "cuda":
             self._move(model)
             return
         model_ffn_chunk(model, self.ffn_chunk)
-        if mode == "stream":
-            small = [m for name, m in model.named_children() if name != "blocks"]
-            nbytes = sum(tensor_bytes(m) for m in small) + 2 * tensor_bytes(model.blocks[0])
-            self._before(nbytes)
-            for m in small:
-                hw = self._host(m)
-                hw.attach(hw.to_device(self.device))
-            model.streamer = BlockStreamer(model.blocks, self.device, pin=_should_pin(tensor_bytes(model)))
-            self.loaded[id(model)] = (model, "stream", model.device)
+        parts = _host_parts(model)
+        if want == "stream":
+            if "small" not in parts:
+                parts["small"] = HostWeights(nn.ModuleList(m for n, m in model.named_children() if n != "blocks"))
+            small = parts["small"]
+            nbytes = sum(t.numel() * t.element_size() for t in small.host)
+            self._make_room(nbytes + (STREAM_PREFETCH_BLOCKS + 1) * tensor_bytes(model.blocks[0]))
+            entry = Resident(model, self.device, "stream", model.device, nbytes, [small],
+                             [(small, small.upload(self.device))], BlockStreamer(model.blocks, self.device))
+            entry.streamer.warm()
         else:
-            self._before(tensor_bytes(model))
-            hw = self._host(model)
-            hw.attach(hw.to_device(self.device))
-            self.loaded[id(model)] = (model, "host", model.device)
+            if "all" not in parts:
+                parts["all"] = HostWeights(model)
+            whole = parts["all"]
+            nbytes = tensor_bytes(model)
+            self._make_room(nbytes)
+            entry = Resident(model, self.device, "whole", model.device, nbytes, [whole],
+                             [(whole, whole.upload(self.device))])
+        _residents[id(model)] = entry
+
+    def load_expert(self, model, mode: str) -> None:
+        """Have ``model`` ready to run on the device in ``mode`` (waits for copies started by `start_expert`)."""
+        self.start_expert(model, mode)
+        entry = self._entry(model)
+        if entry is not None:
+            model_ffn_chunk(model, self.ffn_chunk)
+            entry.finish_upload()
 
     def unload(self, model) -> None:
-        entry = self.loaded.pop(id(model), None)
-        if entry is None:
-            return
-        _, how, home = entry
-        if how == "stream":
-            model.streamer.close()
-            model.streamer = None
-            for name, m in model.named_children():
-                if name != "blocks":
-                    self._host(m).detach()
-        elif how == "host":
-            self._host(model).detach()
-        else:
-            model.to(home)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """Take a model off the device now (swap mode's switch, or a stage that needs the memory)."""
+        self.used.discard(id(model))
+        if self._entry(model) is not None:
+            release(model)
 
-    # -- VAE (small: a plain move) -----------------------------------------------------------------------------
+    # -- VAE and other small models: a plain move --------------------------------------------------------------
     def load_vae(self, vae) -> None:
-        if vae.device == self.device or id(vae) in self.loaded:
+        self.used.add(id(vae))
+        if self._entry(vae) is not None:
+            _residents.move_to_end(id(vae))
             return
-        self._before(tensor_bytes(vae.model) if hasattr(vae, "model") else 0)
+        if vae.device == self.device:
+            return
         self._move(vae)
 
     def _move(self, model) -> None:
         home = model.device
+        nbytes = tensor_bytes(model.model) if hasattr(model, "model") else tensor_bytes(model)
+        self._make_room(nbytes)
         model.to(self.device)
-        self.loaded[id(model)] = (model, "move", home)
+        _residents[id(model)] = Resident(model, self.device, "move", home, nbytes)
 
-    def unload_all(self) -> None:
-        for model, _, _ in list(self.loaded.values()):
-            self.unload(model)
+    def drop_prefetched(self) -> None:
+        """Free the blocks streamed experts copied in ahead (before a stage that needs the memory)."""
+        for e in _residents.values():
+            if e.streamer is not None and id(e.model) in self.used:
+                e.streamer.drop_prefetched()
+
+    # -- end of run ----------------------------------------------------------------------------------------------
+    def finish(self, ok: bool) -> None:
+        """After a run: keep what it loaded resident (``ok`` and ``keep_loaded``), else release it."""
+        if self.device.type != "cuda":
+            release(*[e.model for e in _residents.values() if id(e.model) in self.used])  # CPU: back home
+            return
+        if ok and self.keep_loaded:
+            self.drop_prefetched()
+            return
+        release(*[e.model for e in _residents.values() if id(e.model) in self.used])
+
+    # -- memory --------------------------------------------------------------------------------------------------
+    def _make_room(self, nbytes: int) -> None:
+        """Release our idle models on this device (least recently used first) until ``nbytes`` fit, then let the
+        host application free what it holds."""
+        if self.device.type == "cuda":
+            for key, entry in list(_residents.items()):
+                if free_cuda_bytes(self.device) > nbytes * MARGIN:
+                    break
+                if entry.device == self.device and key not in self.used:
+                    release(entry.model)
+        self._before(nbytes)
 
     def _before(self, nbytes: int) -> None:
         if self.before_load is not None:

@@ -256,8 +256,7 @@ class WanI2VDiT(nn.Module):
         self.head = Head(c)
         self.dtype = torch.float32  # compute dtype of the residual stream; set by the loader
         self.source = ""  # file the weights came from (for messages and slot checks)
-        self.execution_mode = "auto"  # see turbowan.placement
-        self.streamer = None  # a placement.BlockStreamer while blocks are streamed from host memory
+        self.execution_mode = "auto"  # the loader's choice; see turbowan.placement
 
     # -- configuration -------------------------------------------------------------------------------------
     def set_attention(self, kind: str, topk: float = 0.1) -> None:
@@ -299,13 +298,8 @@ class WanI2VDiT(nn.Module):
         ctx = self.text_embedding(context.to(dt))
         angles = rope_angles(c.head_dim, T, H, W, h.device)
         cos, sin = torch.cos(angles), torch.sin(angles)
-        streamer = self.streamer
-        for i, block in enumerate(self.blocks):
-            if streamer is not None:
-                streamer.enter(i)  # block i's weights onto the GPU, block i+1's copy started
+        for block in self.blocks:  # (streamed execution attaches each block's weights in forward hooks)
             h = block(h, e0, cos, sin, ctx)
-            if streamer is not None:
-                streamer.leave(i)
         out = self.head(h, e)  # [B, L, kt*kh*kw*out] fp32
         # unpatchify in (kt kh kw c) order
         out = out.reshape(B, T, H, W, kt, kh, kw, c.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)

@@ -476,10 +476,13 @@ class WanVAE:
     # -- decode ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, progress: Optional[ProgressHook] = None, tile: TileSpec = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, progress: Optional[ProgressHook] = None, tile: TileSpec = None,
+               on_frames: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
         """normalised latents [B, 16, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] in the model dtype (not clamped).
 
         The hook gets ("decode", done, total) after each decoded latent frame (per tile when tiled).
+        ``on_frames(start, frames)`` gets each chunk of final frames [B, 3, t, H, W] as soon as it is decoded
+        (untiled: per latent frame; tiled: the whole video at the end, since every tile adds to every frame).
         """
         if latents.ndim != 5 or latents.shape[1] != Z_DIM:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; the Wan2.1 VAE decodes [B, {Z_DIM}, T, H, W]")
@@ -499,6 +502,8 @@ class WanVAE:
                 start = 0 if i == 0 else 1 + TEMPORAL_COMPRESSION * (i - 1)
                 frames = self.model.decoder(x[:, :, i : i + 1], cache)
                 video[:, :, start : start + frames.shape[2]] = frames
+                if on_frames is not None and tile is None:
+                    on_frames(start, video[:, :, start : start + frames.shape[2]])
                 del frames
                 done += 1
                 report(progress, "decode", done, total)
@@ -508,7 +513,10 @@ class WanVAE:
             total = steps
             return decode_region(z)
         total = steps * _tile_count((h, w), tile)
-        return _tiled(decode_region, z, (h, w), tile, in_scale=1, out_scale=SPATIAL_COMPRESSION)
+        video = _tiled(decode_region, z, (h, w), tile, in_scale=1, out_scale=SPATIAL_COMPRESSION)
+        if on_frames is not None:
+            on_frames(0, video)
+        return video
 
     # -- tiling ---------------------------------------------------------------------------------
 

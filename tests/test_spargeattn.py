@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from turbowan.kernels import spargeattn
+from turbowan.ops import spargeattn
 from turbowan.ops.attention import ATTENTION_KINDS, self_attention
 
 HAVE = spargeattn.available()

@@ -17,34 +17,17 @@ import argparse
 import datetime
 import functools
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, merge_results, median_ms
 
 SHAPES = {"720p": 75_600, "480p": 32_760}  # tokens of an 81-frame clip: 21 latent frames x (45x80 | 30x52)
 HEADS, HEAD_DIM, BLKQ, BLKK = 40, 128, 128, 64
 SECTION_BEGIN, SECTION_END = "<!-- attention:begin -->", "<!-- attention:end -->"
-
-
-def median_ms(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def rel_l2(a, b) -> float:
@@ -95,7 +78,8 @@ def import_reference(ref_dir: str | None):
 def spargeattn_rows(q, k, v, weight, bias, topk, entry, flops, reps):
     """With SpargeAttn (`spas_sage_attn`) built: the reference's SageSLA module and our `sagesla_spargeattn` path,
     timed, with the error against the fp32 SLA of the same block shape (64-query x 128-key blocks on Hopper)."""
-    from turbowan.kernels import spargeattn, sla_triton
+    from turbowan.kernels import sla_triton
+    from turbowan.ops import spargeattn
 
     if not spargeattn.available():
         print("SpargeAttn (spas_sage_attn) not importable: no SageSLA rows")
@@ -142,7 +126,7 @@ def tie_report(scores, lut_a, lut_b, count):
 def run_bench(args) -> dict:
     import triton
 
-    from turbowan.kernels import sagesla_triton, sla_triton
+    from turbowan.kernels import sagesla_triton, sla_common, sla_triton
     from turbowan.ops.sla import sla_attention, sla_block_map, sla_block_scores
 
     props = torch.cuda.get_device_properties(0)
@@ -153,7 +137,7 @@ def run_bench(args) -> dict:
         "command": "python3 bench/attention.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "sla_config": dict(sla_triton.DEFAULT_CONFIG),
+        "sla_config": dict(sla_common.DEFAULT_CONFIG),
         "sagesla_pv_fp8_default": sagesla_triton.fp8_supported(),
     }
     if not args.no_tests:
@@ -268,14 +252,14 @@ def run_bench(args) -> dict:
                                  "ms": None, "error": repr(err)[:200]})
                 print(rows[-1])
         # time the pieces outside the sparse kernel (each alone): key stats, pooling, scores + top-k
-        k_mean, _, _ = sla_triton._key_stats(k, v, torch.bfloat16)
-        pooled_q, pooled_k = sla_triton._pool(q, BLKQ, None), sla_triton._pool(k, BLKK, k_mean)
+        k_mean, _, _ = sla_common.key_stats(k, v, torch.bfloat16)
+        pooled_q, pooled_k = sla_common.pool_blocks(q, BLKQ, None), sla_common.pool_blocks(k, BLKK, k_mean)
         pooled_scores = pooled_q @ pooled_k.transpose(-1, -2)
         count = int(args.topk[0] * n_keyblocks)
         for label, fn in (
-            ("key_stats", lambda: sla_triton._key_stats(k, v, torch.bfloat16)),
-            ("pool_q", lambda: sla_triton._pool(q, BLKQ, None)),
-            ("pool_k", lambda: sla_triton._pool(k, BLKK, k_mean)),
+            ("key_stats", lambda: sla_common.key_stats(k, v, torch.bfloat16)),
+            ("pool_q", lambda: sla_common.pool_blocks(q, BLKQ, None)),
+            ("pool_k", lambda: sla_common.pool_blocks(k, BLKK, k_mean)),
             ("scores_topk_sort", lambda: torch.topk(pooled_q @ pooled_k.transpose(-1, -2), count, dim=-1,
                                                     sorted=False).indices.sort(dim=-1)),
             ("topk_sort", lambda: torch.topk(pooled_scores, count, dim=-1, sorted=False).indices.sort(dim=-1)),
@@ -382,20 +366,16 @@ def render(path: str) -> None:
                 return r.get("ms")
         return None
 
-    js = REPO / "bench" / "results.json"
-    data = json.loads(js.read_text()) if js.exists() else {}
     sage_method = "ours_sagesla_fp8pv" if result.get("sagesla_pv_fp8_default") else "ours_sagesla"
-    for key, value in {
+    headline = {
         "sla_720p_topk0.1_ms": pick("720p", "ours_sla"),
         "sla_480p_topk0.1_ms": pick("480p", "ours_sla"),
         "sagesla_720p_topk0.1_ms": pick("720p", sage_method),
         "ref_sla_720p_topk0.1_ms": pick("720p", "ref_sla"),
         "cudnn_dense_720p_ms": pick("720p", "cudnn_dense"),
-    }.items():
-        if value is not None:
-            data[key] = round(value, 2)
-    data["card"], data["date"] = result["card"], result["date"]
-    js.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    }
+    merge_results({key: round(ms, 2) for key, ms in headline.items() if ms is not None}, result["card"],
+                  date=result["date"])
     print(body)
 
 

@@ -12,37 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import turbowan  # noqa: E402
-from turbowan.checkpoint import DiTConfig  # noqa: E402
-from turbowan.models.dit import random_dit  # noqa: E402
-from turbowan.models.vae import VAEConfig, WanVAE, WanVAEModel  # noqa: E402
+import turbowan
+from common import RESULTS_JSON, merge_results, random_experts, random_vae
 
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}
-
-
-def random_vae(device) -> WanVAE:
-    with torch.device(device):
-        model = WanVAEModel(VAEConfig())
-    g = torch.Generator(device=device).manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-            elif p.ndim > 1:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, device=device, generator=g) / fan_in ** 0.5)
-            else:
-                p.zero_()
-    return WanVAE(model.to(torch.bfloat16))
 
 
 class StageClock:
@@ -84,20 +61,17 @@ def main():
                     help="bf16 experts (like the reference anchors) or int8 (-quant) experts run as w8a16 or w8a8")
     ap.add_argument("--attention", default="sla")
     ap.add_argument("--warm", action="store_true", help="compile the kernels on a small clip before timing")
-    ap.add_argument("--results", default=str(REPO / "bench" / "results.json"))
+    ap.add_argument("--results", default=str(RESULTS_JSON))
     args = ap.parse_args()
 
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
     int8_mode = {"bf16": None, "int8-w8a16": "w8a16", "int8-w8a8": "w8a8"}[args.weights]
-    cfg = DiTConfig()
     # build on the GPU (fast), then keep the home copy in host memory as a loader would
-    experts = []
-    for seed in (0, 1):
-        m = random_dit(cfg, dtype=torch.bfloat16, int8_mode=int8_mode, attention=args.attention, device=dev, seed=seed)
+    experts = random_experts(dev, args.attention, int8_mode)
+    for m, name in zip(experts, ("high", "low")):
         m.to("cpu")
-        m.source = ("high" if seed == 0 else "low") + "-random"
-        experts.append(m)
+        m.source = name + "-random"
         torch.cuda.empty_cache()
     high, low = experts
     vae = random_vae(dev).to("cpu")
@@ -169,12 +143,7 @@ def main():
         out["e2e_720p_compute_s"] = r["compute_s"]
     if r and s:
         out["stream_time_ratio_720p"] = s["e2e_s"] / r["e2e_s"]
-    path = Path(args.results)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(out)
-    data["e2e_card"] = card
-    data["e2e_date"] = str(datetime.date.today())
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    merge_results(out, card, prefix="e2e_", path=args.results)
     print(json.dumps(out))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -23,8 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import common
+from common import REPO, RESULTS_JSON, merge_results
+
+median_ms = functools.partial(common.median_ms, warmup=3)  # the GEMMs' clocks settle over a few calls
 
 from turbowan.ops.int8 import (dequantize_int8_blockwise, quantize_int8_blockwise,  # noqa: E402
                                w8a8_linear_reference, w8a8_matmul_reference)
@@ -47,20 +50,6 @@ SWEEP = [
     {"maxnreg": None},                                    # 255 registers: ptxas spills in the loop
     {"GROUP_M": 16},
 ]
-
-
-def time_ms(fn, reps: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    t = sorted(a.elapsed_time(b) for a, b in ev)
-    return t[len(t) // 2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +130,7 @@ def sweep(K, shape, out_dir: Path | None, checks_small) -> tuple[dict, list]:
     def try_config(cfg):
         try:
             bad = checks_small(cfg)
-            ms = time_ms(lambda: K.w8a8_gemm(xq, xs, wq, ws, bias, torch.bfloat16, **cfg), reps=6, warmup=2)
+            ms = median_ms(lambda: K.w8a8_gemm(xq, xs, wq, ws, bias, torch.bfloat16, **cfg), reps=6, warmup=2)
             _, kern = K._launch_w8a8_gemm(xq, xs, wq, ws, bias, torch.bfloat16, cfg)
             info, sass = sass_summary(kern)
             row = {"config": cfg, "ms": ms, "mismatches": bad, **info}
@@ -177,21 +166,21 @@ def bench_shape(K, shape, cfg) -> dict:
     bias = torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.1
     wq, ws = quantize_int8_blockwise(w)  # the export rule, on the GPU
     r = {"shape": name, "M": m, "K": k, "N": n}
-    r["bf16_ms"] = time_ms(lambda: F.linear(x, w, bias))
+    r["bf16_ms"] = median_ms(lambda: F.linear(x, w, bias))
     xq, xs = K.quantize_activations(x)
     wq_t = wq.t()  # column-major B: the layout cuBLAS's int8 path wants
-    r["int_mm_ms"] = time_ms(lambda: torch._int_mm(xq, wq_t))
-    r["quant_ms"] = time_ms(lambda: K.quantize_activations(x))
-    r["gemm_ms"] = time_ms(lambda: K.w8a8_gemm(xq, xs, wq, ws, bias, torch.bfloat16, **cfg))
+    r["int_mm_ms"] = median_ms(lambda: torch._int_mm(xq, wq_t))
+    r["quant_ms"] = median_ms(lambda: K.quantize_activations(x))
+    r["gemm_ms"] = median_ms(lambda: K.w8a8_gemm(xq, xs, wq, ws, bias, torch.bfloat16, **cfg))
 
     def layer():
         q, s = K.quantize_activations(x)
         return K.w8a8_gemm(q, s, wq, ws, bias, torch.bfloat16, **cfg)
 
-    r["w8a8_ms"] = time_ms(layer)
-    r["dequant_ms"] = time_ms(lambda: K.dequantize_int8_blockwise_cuda(wq, ws, torch.bfloat16))
-    r["dequant_torch_ms"] = time_ms(lambda: dequantize_int8_blockwise(wq, ws, torch.bfloat16), reps=5)
-    r["w8a16_ms"] = time_ms(lambda: F.linear(x, K.dequantize_int8_blockwise_cuda(wq, ws, torch.bfloat16), bias))
+    r["w8a8_ms"] = median_ms(layer)
+    r["dequant_ms"] = median_ms(lambda: K.dequantize_int8_blockwise_cuda(wq, ws, torch.bfloat16))
+    r["dequant_torch_ms"] = median_ms(lambda: dequantize_int8_blockwise(wq, ws, torch.bfloat16), reps=5)
+    r["w8a16_ms"] = median_ms(lambda: F.linear(x, K.dequantize_int8_blockwise_cuda(wq, ws, torch.bfloat16), bias))
     r["speedup_vs_bf16"] = r["bf16_ms"] / r["w8a8_ms"]
     ops = 2.0 * m * n * k
     r["gemm_tops"] = ops / r["gemm_ms"] / 1e9
@@ -210,12 +199,12 @@ def card_rates() -> dict:
     """Measured ceilings: int8 and bf16 tensor-core rates on a large square product, copy bandwidth."""
     a8 = torch.randint(-128, 128, (8192, 8192), device="cuda", dtype=torch.int8)
     b8 = torch.randint(-128, 128, (8192, 8192), device="cuda", dtype=torch.int8).t()
-    int8 = 2 * 8192**3 / time_ms(lambda: torch._int_mm(a8, b8)) / 1e9
+    int8 = 2 * 8192**3 / median_ms(lambda: torch._int_mm(a8, b8)) / 1e9
     a16 = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    bf16 = 2 * 8192**3 / time_ms(lambda: a16 @ a16) / 1e9
+    bf16 = 2 * 8192**3 / median_ms(lambda: a16 @ a16) / 1e9
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    bw = 2 * src.numel() / time_ms(lambda: dst.copy_(src)) / 1e6  # GB/s (bytes per ms / 1e6), read + written
+    bw = 2 * src.numel() / median_ms(lambda: dst.copy_(src)) / 1e6  # GB/s (bytes per ms / 1e6), read + written
     del a8, b8, a16, src, dst
     torch.cuda.empty_cache()
     return {"int8_tops": int8, "bf16_tflops": bf16, "copy_gbs": bw}
@@ -271,9 +260,8 @@ def record(rep: dict, results_md: Path, results_json: Path) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     results_md.write_text(text)
-    data = json.loads(results_json.read_text()) if results_json.exists() else {}
     up = next(r for r in rep["rows"] if r["shape"] == "720p up")
-    data.update({
+    merge_results({
         "w8a8_ffn_720p_ms": round(up["w8a8_ms"], 3),
         "bf16_ffn_720p_ms": round(up["bf16_ms"], 3),
         "w8a8_gemm_720p_ms": round(up["gemm_ms"], 3),
@@ -281,10 +269,7 @@ def record(rep: dict, results_md: Path, results_json: Path) -> None:
         "int_mm_ffn_720p_ms": round(up["int_mm_ms"], 3),
         "w8a16_ffn_720p_ms": round(up["w8a16_ms"], 3),
         "w8a8_speedup_vs_bf16_720p": round(up["speedup_vs_bf16"], 3),
-        "int8_card": rep["card"],
-        "int8_date": rep["date"],
-    })
-    results_json.write_text(json.dumps(data, indent=2) + "\n")
+    }, rep["card"], prefix="int8_", date=rep["date"], path=results_json)
 
 
 def main() -> None:
@@ -293,7 +278,7 @@ def main() -> None:
     ap.add_argument("--record", type=Path, default=None, help="merge a saved int8_results.json and exit (no GPU)")
     ap.add_argument("--no-sweep", action="store_true", help="time only the module's GEMM_CONFIG")
     ap.add_argument("--results-md", type=Path, default=REPO / "bench" / "RESULTS.md")
-    ap.add_argument("--results-json", type=Path, default=REPO / "bench" / "results.json")
+    ap.add_argument("--results-json", type=Path, default=RESULTS_JSON)
     args = ap.parse_args()
     if args.record:
         record(json.loads(args.record.read_text()), args.results_md, args.results_json)

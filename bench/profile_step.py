@@ -6,15 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from common import median_ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from turbowan.checkpoint import DiTConfig  # noqa: E402
-from turbowan.models.dit import random_dit, rope_angles  # noqa: E402
+from turbowan.checkpoint import DiTConfig
+from turbowan.models.dit import random_dit, rope_angles
 
 
 def main():
@@ -35,18 +32,8 @@ def main():
     cos, sin = torch.cos(ang), torch.sin(ang)
     block = model.blocks[0]
     with torch.no_grad():
-        for _ in range(2):
-            block(x, e0, cos, sin, ctx)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            start.record()
-            block(x, e0, cos, sin, ctx)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        print(f"block forward at L={L}: median {sorted(times)[2]:.1f} ms -> {40 * sorted(times)[2] / 1000:.2f} s per step (40 blocks)")
+        ms = median_ms(lambda: block(x, e0, cos, sin, ctx), reps=5, warmup=2)
+        print(f"block forward at L={L}: median {ms:.1f} ms -> {40 * ms / 1000:.2f} s per step (40 blocks)")
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -21,11 +21,11 @@ import statistics
 import sys
 import time
 import types
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from common import RESULTS_JSON, merge_results
+
 LATENT = {"720p": (21, 90, 160), "480p": (21, 60, 104)}  # (T, H/8, W/8) for 81 frames
 
 
@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--res", nargs="+", default=["720p", "480p"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--topk", type=float, default=0.1)
-    ap.add_argument("--results", default=str(REPO / "bench" / "results.json"))
+    ap.add_argument("--results", default=str(RESULTS_JSON))
     args = ap.parse_args()
     net = build(args.ref, args.topk)
     out = {}
@@ -105,12 +105,7 @@ def main():
         print(f"reference {res}: one forward {step:.2f} s (each {' / '.join(f'{s:.2f}' for s in times)}), "
               f"peak {peak:.1f} GB", flush=True)
         del v
-    path = Path(args.results)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(out)
-    data["ref_card"] = torch.cuda.get_device_name()
-    data["ref_date"] = str(datetime.date.today())
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    merge_results(out, torch.cuda.get_device_name(), prefix="ref_", path=args.results)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}: {json.dumps(out)}")
 
 

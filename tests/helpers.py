@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
+import torch
+
+from turbowan.kernels import triton_runnable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,3 +32,51 @@ def rel_err(a, b) -> float:
 
 def max_abs(a, b) -> float:
     return float((a.double() - b.double()).abs().max())
+
+
+# -- GPU tests ---------------------------------------------------------------------------------------------------
+
+
+def triton_runs_here(interpreter_ok: bool = False) -> bool:
+    """The one condition of the GPU tests: Triton imports and a CUDA GPU is present (with interpreter_ok, Triton's CPU
+    interpreter, TRITON_INTERPRET=1, will do instead of the GPU)."""
+    return triton_runnable() and (torch.cuda.is_available() or interpreter_ok)
+
+
+def _triton_reason(interpreter_ok: bool) -> str:
+    return "needs Triton and a CUDA GPU" + (" (or TRITON_INTERPRET=1)" if interpreter_ok else "")
+
+
+def gpu_module(interpreter_ok: bool = False) -> pytest.MarkDecorator:
+    """`pytestmark = gpu_module()` at the top of a GPU test module: skips the whole module unless `triton_runs_here`
+    (before it imports any kernel module), and marks its tests `gpu` (select them with `pytest -m gpu`)."""
+    if not triton_runs_here(interpreter_ok):
+        pytest.skip(_triton_reason(interpreter_ok), allow_module_level=True)
+    return pytest.mark.gpu
+
+
+def gpu(test):
+    """Decorator for a GPU test in a CPU test module: marked `gpu`, skipped unless Triton and a CUDA GPU are here."""
+    return pytest.mark.gpu(pytest.mark.skipif(not triton_runs_here(), reason=_triton_reason(False))(test))
+
+
+# -- videos ------------------------------------------------------------------------------------------------------
+
+
+class Decoded(NamedTuple):
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB
+    codec: str
+    pix_fmt: str
+    average_rate: object  # a Fraction (frames per second) as the container states it
+    metadata: dict
+
+
+def decode(path) -> Decoded:
+    """A video file as PyAV decodes it. Everything is read while the container is open (PyAV 19 refuses after)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+        return Decoded(frames, stream.codec_context.name, stream.codec_context.pix_fmt, stream.average_rate,
+                       dict(container.metadata))

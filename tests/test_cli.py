@@ -12,17 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import REPO, fixtures_dir
+from helpers import REPO, decode, fixtures_dir
 from turbowan import cli
 
 av = pytest.importorskip("av")
-
-
-def decoded_frames(path):
-    """(frame count, width, height) of a video as PyAV decodes it."""
-    with av.open(str(path)) as container:
-        frames = [f for f in container.decode(video=0)]
-    return len(frames), frames[0].width, frames[0].height
 
 
 @pytest.fixture
@@ -56,7 +49,7 @@ def error_lines(capsys) -> list[str]:
 def test_generate_writes_mp4_with_requested_frames_and_size(tiny, tmp_path, capsys):
     out = tmp_path / "clip.mp4"
     assert cli.main(generate_args(tiny, out)) == 0
-    assert decoded_frames(out) == (9, 64, 48)
+    assert decode(out).frames.shape == (9, 48, 64, 3)
     summary = capsys.readouterr().out
     assert "clip.mp4" in summary and "sampling" in summary and "VAE decode" in summary
 
@@ -88,7 +81,7 @@ def test_prompt_goes_through_the_embedding_cache_into_the_pipeline(tiny, tmp_pat
     assert seen["path"] == encoder and seen["prompt"] == "a red fox runs through snow"
     assert seen["tokenizer"] == "spiece.model" and seen["device"].type == "cpu"
     assert seen["context"] is embedding and seen["frames"] == 9
-    assert decoded_frames(tmp_path / "clip.mp4") == (9, 64, 48)
+    assert decode(tmp_path / "clip.mp4").frames.shape == (9, 48, 64, 3)
 
 
 def test_mode_option_reaches_both_expert_loaders(tiny, tmp_path, monkeypatch):
@@ -231,6 +224,6 @@ def test_demo_writes_a_playable_video(tmp_path, capsys):
     assert cli.main(["demo", "-o", str(out)]) == 0
     from turbowan.demo import DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH
 
-    assert decoded_frames(out) == (DEMO_FRAMES, DEMO_WIDTH, DEMO_HEIGHT)
+    assert decode(out).frames.shape == (DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH, 3)
     text = capsys.readouterr().out
     assert "RANDOM weights" in text and "released model files" in text

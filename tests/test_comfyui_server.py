@@ -23,8 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, decode
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the real-server test")
 
@@ -177,14 +176,6 @@ def saved_video(server, entry: dict) -> Path:
     return path
 
 
-def decode(path: Path):
-    import av
-
-    with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        return frames, container.streams.video[0].codec_context.name
-
-
 def messages(entry: dict, kind: str) -> list[dict]:
     return [data for name, data in entry["status"]["messages"] if name == kind]
 
@@ -201,7 +192,8 @@ def test_nodes_are_registered(server):
 def test_api_workflow_runs_end_to_end(server):
     entry = server.wait_done(server.queue(tiny_prompt()))
     assert entry["status"]["status_str"] == "success", server.log_text()
-    frames, codec = decode(saved_video(server, entry))
+    video = decode(saved_video(server, entry))
+    frames, codec = video.frames, video.codec
     assert codec == "h264" and len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
 
 
@@ -211,7 +203,7 @@ def test_second_queue_reuses_the_loaded_models(server):
     cached = set(messages(entry, "execution_cached")[0]["nodes"])
     loaders = {k for k, v in entry["prompt"][2].items() if v["class_type"] in ("TurboWanModelLoader", "TurboWanVAELoader")}
     assert loaders <= cached  # the experts and the VAE were not loaded again
-    frames, _ = decode(saved_video(server, entry))
+    frames = decode(saved_video(server, entry)).frames
     assert len(frames) == FRAMES
 
 
@@ -236,7 +228,7 @@ def test_stock_vae_loader_works_in_the_same_workflow(server):
     prompt[vae_node] = {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}}
     entry = server.wait_done(server.queue(prompt))
     assert entry["status"]["status_str"] == "success", server.log_text()
-    frames, _ = decode(saved_video(server, entry))
+    frames = decode(saved_video(server, entry)).frames
     assert len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
 
 
@@ -263,7 +255,7 @@ def test_interrupt_then_clean_run(server):
 
     after = server.wait_done(server.queue(tiny_prompt(seed=3)))
     assert after["status"]["status_str"] == "success", server.log_text()
-    frames, _ = decode(saved_video(server, after))
+    frames = decode(saved_video(server, after)).frames
     assert len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
 
 

@@ -4,15 +4,11 @@ The PyTorch functions in turbowan/models/dit.py are the reference (the CPU fixtu
 implementation); here they are called with the kernels switched off.
 """
 
-import os
-
 import pytest
 import torch
+from helpers import gpu_module
 
-pytest.importorskip("triton")
-if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
-
+pytestmark = gpu_module(interpreter_ok=True)
 from turbowan.kernels import dit_triton as K  # noqa: E402
 from turbowan.models import dit  # noqa: E402
 

@@ -2,15 +2,13 @@
 
 import pytest
 import torch
-from helpers import fixtures_dir
+from helpers import fixtures_dir, gpu_module
 from safetensors.torch import load_file
 
 from turbowan.ops.int8 import (Int8Linear, dequantize_int8_blockwise, quantize_int8_blockwise,
                                w8a8_linear_reference)
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-pytest.importorskip("triton")
+pytestmark = gpu_module()
 from turbowan.kernels import int8_triton as K  # noqa: E402
 
 # Every comparison below is exact (torch.equal): both sides do the same integer dots, the same fp32 fma per

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO, decode
+
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 sys.path.insert(0, str(TESTS / "comfy_double"))  # ComfyUI's module names resolve to the double
 
 import comfy.model_management as mm  # noqa: E402
@@ -370,14 +371,6 @@ def test_before_load_asks_comfyui_to_free_its_models(comfy_env):
 
 # -- saving ----------------------------------------------------------------------------------------------
 
-def decode(path: Path):
-    import av
-
-    with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        return frames, dict(container.metadata), container.streams.video[0].codec_context.name
-
-
 def test_save_node_writes_mp4_into_output_and_shows_it(comfy_env):
     frames = torch.rand(9, 48, 64, 3)
     save = nodes.TurboDiffusionSaveVideo()
@@ -386,10 +379,10 @@ def test_save_node_writes_mp4_into_output_and_shows_it(comfy_env):
     assert ui == {"ui": {"images": [{"filename": "TurboDiffusion_00001_.mp4", "subfolder": "clips", "type": "output"}],
                          "animated": (True,)}}
     path = comfy_env / "output" / "clips" / "TurboDiffusion_00001_.mp4"
-    decoded, metadata, codec = decode(path)
-    assert len(decoded) == 9 and decoded[0].shape == (48, 64, 3) and codec == "h264"
-    assert json.loads(metadata["prompt"]) == {"7": {"class_type": "x"}}
-    assert json.loads(metadata["workflow"]) == {"nodes": []}
+    decoded = decode(path)
+    assert len(decoded.frames) == 9 and decoded.frames[0].shape == (48, 64, 3) and decoded.codec == "h264"
+    assert json.loads(decoded.metadata["prompt"]) == {"7": {"class_type": "x"}}
+    assert json.loads(decoded.metadata["workflow"]) == {"nodes": []}
     second = save.save(frames, "clips/TurboDiffusion", 16, "mp4", 8, True)
     assert second["ui"]["images"][0]["filename"] == "TurboDiffusion_00002_.mp4"
 
@@ -399,7 +392,7 @@ def test_save_node_other_formats(comfy_env, fmt):
     ui = nodes.TurboDiffusionSaveVideo().save(torch.rand(5, 32, 48, 3), "TurboDiffusion", 16, fmt, 8, True)
     name = ui["ui"]["images"][0]["filename"]
     assert name.endswith("." + fmt)
-    decoded, _, _ = decode(comfy_env / "output" / name)
+    decoded = decode(comfy_env / "output" / name).frames
     assert len(decoded) == 5 and decoded[0].shape == (32, 48, 3)
 
 

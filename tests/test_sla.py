@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import max_abs, rel_err
+from helpers import gpu, max_abs, rel_err
 from turbowan.ops.sla import sla_attention, sla_block_map, sla_block_scores
 
 BF16_ULP_AT_QUARTER = 2.0**-9  # spacing of bf16 values in [0.25, 0.5), where the fixture outputs peak (max |out| 0.34)
@@ -145,14 +145,8 @@ def test_bf16_path_stays_close_to_fp32_path():
 # --- GPU: the Triton kernels against the torch path ----------------------------------------------------------------
 
 
-def _triton_device():
-    from turbowan.kernels import triton_runnable
-
-    # Triton 3.6's CPU interpreter truncates bf16 casts and fails on the sparse kernel's run-time loop, so these
-    # comparisons only mean something on a GPU (23 pass on an H200: bench/RESULTS.md).
-    if not (triton_runnable() and torch.cuda.is_available()):
-        pytest.skip("needs CUDA and Triton")
-    return "cuda"
+# Triton 3.6's CPU interpreter truncates bf16 casts and fails on the sparse kernel's run-time loop, so these
+# comparisons only mean something on a GPU (23 pass on an H200: bench/RESULTS.md).
 
 
 def _structured_inputs(batch, length, heads, dim, dtype, device, seed):
@@ -177,27 +171,27 @@ GPU_CASES = [  # (batch, length, heads, dim, topk): awkward lengths; 1 block, an
 ]
 
 
+@gpu
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_triton_block_map_equals_torch_path(case):
     from turbowan.kernels.sla_triton import sla_block_map_triton
 
-    device = _triton_device()
     batch, length, heads, dim, topk = case
-    q, k, _, _, _ = _structured_inputs(batch, length, heads, dim, torch.bfloat16, device, seed=1)
+    q, k, _, _, _ = _structured_inputs(batch, length, heads, dim, torch.bfloat16, "cuda", seed=1)
     lut, count = sla_block_map(q, k, topk)
     lut_triton, count_triton = sla_block_map_triton(q, k, topk)
     assert count_triton == count
     assert torch.equal(lut_triton, lut)
 
 
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_triton_matches_torch_path(case, dtype):
     from turbowan.kernels.sla_triton import sla_attention_triton
 
-    device = _triton_device()
     batch, length, heads, dim, topk = case
-    q, k, v, weight, bias = _structured_inputs(batch, length, heads, dim, dtype, device, seed=2)
+    q, k, v, weight, bias = _structured_inputs(batch, length, heads, dim, dtype, "cuda", seed=2)
     expected = sla_attention(q, k, v, weight, bias, topk)
     out = sla_attention_triton(q, k, v, weight, bias, topk)
     assert out.shape == expected.shape and out.dtype == dtype
@@ -207,11 +201,11 @@ def test_triton_matches_torch_path(case, dtype):
     assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@gpu
 def test_triton_reads_strided_qkv_in_place():
     from turbowan.kernels.sla_triton import sla_attention_triton
 
-    device = _triton_device()
-    q, k, v, weight, bias = _structured_inputs(1, 500, 2, 64, torch.bfloat16, device, seed=3)
+    q, k, v, weight, bias = _structured_inputs(1, 500, 2, 64, torch.bfloat16, "cuda", seed=3)
     fused = torch.stack([q, k, v], dim=3)  # (B, L, H, 3, D): q, k, v are strided views of one buffer
     strided = sla_attention_triton(fused[:, :, :, 0], fused[:, :, :, 1], fused[:, :, :, 2], weight, bias, 0.5)
     assert torch.equal(strided, sla_attention_triton(q, k, v, weight, bias, 0.5))

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from helpers import gpu
 
-from turbowan.kernels import spargeattn
+from turbowan.ops import spargeattn
 from turbowan.ops.attention import ATTENTION_KINDS, self_attention
 
 HAVE = spargeattn.available()
@@ -29,6 +30,7 @@ def test_loading_without_spargeattn_is_refused_before_reading_the_file(tmp_path)
         load_dit(tmp_path / "never-read.pth", attention="sagesla_spargeattn")
 
 
+@gpu
 @pytest.mark.skipif(not (HAVE and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                     reason="needs SpargeAttn built for an H100/H200")
 @pytest.mark.parametrize("length", [1000, 4096])

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from helpers import gpu_module
 
 from turbowan.models.vae import VAEConfig, WanVAE, WanVAEModel
 
-if not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 12e9:
+pytestmark = gpu_module()
+if torch.cuda.get_device_properties(0).total_memory < 12e9:
     pytest.skip("needs a CUDA GPU with at least 12 GB", allow_module_level=True)
 
 FREE = 8e9  # what the user's card has left

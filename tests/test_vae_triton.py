@@ -6,16 +6,12 @@ The kernel computes y = silu(x / max(||x||_channels, 1e-12) * sqrt(C) * gamma) i
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fixtures_dir, rel_err
+from helpers import fixtures_dir, gpu_module, rel_err
 
-if importlib.util.find_spec("triton") is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("needs Triton and CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+pytestmark = gpu_module(interpreter_ok=True)
 
 from turbowan.kernels.vae_triton import rms_norm_silu  # noqa: E402
 from turbowan.models import vae as vae_module  # noqa: E402

@@ -236,7 +236,7 @@ def load_text_embedding_file(path):
 
 def check_sla_topk(topk: float, frames: int, width: int, height: int) -> None:
     """Refuse, before any loading, an SLA ratio that keeps no key block for this clip size."""
-    from .ops.sla import selected_block_count
+    from .kernels.sla_contract import selected_block_count
 
     tokens = (1 + (frames - 1) // 4) * (height // 16) * (width // 16)
     selected_block_count(topk, math.ceil(tokens / 64))  # raises ValueError naming the smallest ratio that works

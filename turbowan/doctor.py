@@ -316,7 +316,7 @@ def check_spargeattn() -> Check:
     name = "SpargeAttn (optional, package spas_sage_attn)"
     if importlib.util.find_spec("spas_sage_attn") is None:
         return Check(name, None, "not installed (not needed: turbowan's own kernels cover sla and sagesla)")
-    from .kernels import spargeattn
+    from .ops import spargeattn
 
     if not spargeattn.available():
         return Check(name, False, "installed, but its compiled modules do not import here (built for another torch / "

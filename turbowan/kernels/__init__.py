@@ -66,21 +66,6 @@ def sagesla_dispatch():
     return _load("sagesla_triton", "sagesla_attention_triton")
 
 
-def spargeattn_dispatch():
-    """SageSLA through SpargeAttn's CUDA kernels (when `spas_sage_attn` is installed), same signature as SLA's,
-    or None. Asked for by name only, so no fallback notice: the caller refuses with SPARGEATTN_MISSING."""
-    from . import spargeattn
-
-    return spargeattn.sagesla_spargeattn if spargeattn.available() else None
-
-
-SPARGEATTN_MISSING = (
-    "attention_type 'sagesla_spargeattn' needs SpargeAttn (the spas_sage_attn package built for this GPU, "
-    "github.com/thu-ml/SpargeAttn) and a CUDA GPU, which are not available here; use 'sagesla', our own int8 "
-    "kernel, which needs nothing installed"
-)
-
-
 def vae_norm_dispatch():
     """Fused VAE RMSNorm (+ optional SiLU) ``f(x, gamma, silu) -> y`` for channels-last CUDA tensors, or None."""
     return _load("vae_triton", "rms_norm_silu")

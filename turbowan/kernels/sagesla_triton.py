@@ -1,6 +1,7 @@
 """`sagesla`: SLA with quantized sparse attention (the SageSLA idea), as Triton kernels of our own.
 
-Same block map, linear branch and proj_l as `sla` (turbowan.ops.sla); only the sparse softmax part is quantized:
+Same block map, linear branch and proj_l as `sla` (turbowan.ops.sla; the key-stats pass and block map come from
+`sla_common`); only the sparse softmax part is quantized:
 * q (pre-multiplied by D^-0.5 * log2 e) and smoothed k (k - mean_L(k), which leaves softmax unchanged since it moves
   every score of a row by the same amount) become int8 with one fp32 scale per token (amax of its row / 127);
   q.k^T runs on the int8 tensor cores with exact int32 accumulation, then is scaled back.
@@ -18,18 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.sla import check_sla_inputs
-from . import sla_triton
-from .sla_triton import _block_lut, _check_kernel_shapes, _head_contiguous, _interpreting, _key_stats, triton
+from . import interpreting
 from . import triton_runnable as available  # noqa: F401  (read by turbowan.kernels)
+from .sla_common import DEFAULT_CONFIG, block_lut, check_kernel_shapes, head_contiguous, key_stats, triton
+from .sla_contract import BLKK, BLKQ, LOG2E, check_sla_inputs
 
 _FP8_MAX = 448.0  # largest finite float8 e4m3fn value
-_LOG2E = 1.4426950408889634
 
 if triton is not None:
     import triton.language as tl
 
-    from .sla_triton import _mma
+    from .sla_common import mma
 
     @triton.jit
     def _quant_int8_kernel(
@@ -117,7 +117,7 @@ if triton is not None:
             k_i8 = tl.load(ki_base + rows[None, :] * D + offs_d[:, None])  # (D, N)
             k_scale = tl.load(KSCALE + bh * k_pad + rows)  # (N,) per key row
             if UPCAST:
-                s = _mma(q_i8, k_i8, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), True, True)
+                s = mma(q_i8, k_i8, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), True, True)
             else:
                 s = tl.dot(q_i8, k_i8, out_dtype=tl.int32).to(tl.float32)
             s = s * k_scale[None, :]  # the per-row q scale (> 0) folds into the FMA below
@@ -129,10 +129,10 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if PV_FP8:
                 v_t = tl.load(vt_base + offs_d[:, None] * k_pad + rows[None, :])  # (D, N) fp8
-                acc = _mma((p * 448.0).to(tl.float8e4nv), tl.trans(v_t), acc * alpha[:, None], UPCAST, False)
+                acc = mma((p * 448.0).to(tl.float8e4nv), tl.trans(v_t), acc * alpha[:, None], UPCAST, False)
             else:
                 v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :], mask=real[:, None], other=0.0)
-                acc = _mma(p.to(tl.bfloat16), v.to(tl.bfloat16), acc * alpha[:, None], UPCAST, False)
+                acc = mma(p.to(tl.bfloat16), v.to(tl.bfloat16), acc * alpha[:, None], UPCAST, False)
             m_i = m_new
         if PV_FP8:
             v_scale = tl.load(VSCALE + bh * D + offs_d)  # amax / 448 per channel
@@ -146,14 +146,14 @@ if triton is not None:
         e = tl.exp(qf - tl.max(qf, axis=1)[:, None])
         phi_q = (e / tl.sum(e, axis=1)[:, None]).to(tl.bfloat16)
         kv = tl.load(KV + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-        num = _mma(phi_q, kv, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, False).to(tl.bfloat16)
+        num = mma(phi_q, kv, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, False).to(tl.bfloat16)
         k_sum = tl.load(KSUM + bh * D + offs_d)
         den = tl.sum((phi_q.to(tl.float32) * k_sum.to(tl.float32)[None, :]).to(tl.bfloat16).to(tl.float32), axis=1)
         den = (den.to(tl.bfloat16).to(tl.float32) + 1e-5).to(tl.bfloat16)
         o_l = (num.to(tl.float32) / den.to(tl.float32)[:, None]).to(tl.bfloat16)
         w_t = tl.load(W + offs_d[None, :] * D + offs_d[:, None])
         bias = tl.load(BIAS + offs_d)
-        lin = _mma(o_l, w_t, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, False) + bias.to(tl.float32)[None, :]
+        lin = mma(o_l, w_t, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, False) + bias.to(tl.float32)[None, :]
         out = o_s.to(tl.float32) + lin.to(tl.bfloat16).to(tl.float32)
         tl.store(
             OUT + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
@@ -176,8 +176,8 @@ def sagesla_attention_triton(
     proj_l_weight: torch.Tensor,
     proj_l_bias: torch.Tensor,
     topk: float,
-    blkq: int = 128,
-    blkk: int = 64,
+    blkq: int = BLKQ,
+    blkk: int = BLKK,
     config: dict | None = None,
     pv_fp8: bool | None = None,
 ) -> torch.Tensor:
@@ -187,21 +187,21 @@ def sagesla_attention_triton(
     P.V in bf16, as on Ampere, where only q.k^T is quantized (int8 tensor cores, sm80+).
     """
     if pv_fp8 is None:
-        pv_fp8 = _interpreting() or fp8_supported(q.device)
+        pv_fp8 = interpreting() or fp8_supported(q.device)
     check_sla_inputs(q, k, v, proj_l_weight, proj_l_bias)
     if q.dtype == torch.float32:
         raise ValueError("sagesla quantizes attention and runs on bf16/fp16 inputs; use 'sla' for float32.")
-    if pv_fp8 and not _interpreting() and not fp8_supported(q.device):
+    if pv_fp8 and not interpreting() and not fp8_supported(q.device):
         raise ValueError("pv_fp8=True needs fp8 tensor cores (compute capability 8.9+); pass pv_fp8=None or False.")
-    q, k, v = _head_contiguous(q), _head_contiguous(k), _head_contiguous(v)
-    _check_kernel_shapes(q, blkq, blkk)
-    cfg = dict(sla_triton.DEFAULT_CONFIG, **(config or {}))
+    q, k, v = head_contiguous(q), head_contiguous(k), head_contiguous(v)
+    check_kernel_shapes(q, blkq, blkk)
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
     b, length, h, d = q.shape
     dev = q.device
     n_q, n_k = -(-length // blkq), -(-length // blkk)
 
-    k_mean, k_sum, kv = _key_stats(k, v, torch.bfloat16)
-    lut, count = _block_lut(q, k, k_mean, topk, blkq, blkk)
+    k_mean, k_sum, kv = key_stats(k, v, torch.bfloat16)
+    lut, count = block_lut(q, k, k_mean, topk, blkq, blkk)
     lut = lut.to(torch.int32).contiguous()
 
     q_i8 = torch.empty(b * h, n_q * blkq, d, dtype=torch.int8, device=dev)
@@ -209,7 +209,7 @@ def sagesla_attention_triton(
     k_i8 = torch.empty(b * h, n_k * blkk, d, dtype=torch.int8, device=dev)
     k_scale = torch.empty(b * h, n_k * blkk, dtype=torch.float32, device=dev)
     _quant_int8_kernel[(n_q, b * h)](
-        q, q, q_i8, q_scale, length, h, n_q * blkq, q.stride(0), q.stride(1), q.stride(2), d**-0.5 * _LOG2E,
+        q, q, q_i8, q_scale, length, h, n_q * blkq, q.stride(0), q.stride(1), q.stride(2), d**-0.5 * LOG2E,
         BLOCK=blkq, D=d, HAS_SHIFT=False, num_warps=4,
     )
     _quant_int8_kernel[(n_k, b * h)](
@@ -234,7 +234,7 @@ def sagesla_attention_triton(
         length, h, count, -(-count // cfg["pair"]), n_q, n_k,
         q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=blkq, BLKK=blkk, PAIR=cfg["pair"], D=d, PV_FP8=pv_fp8, UPCAST=_interpreting(),
+        BLOCK_M=blkq, BLKK=blkk, PAIR=cfg["pair"], D=d, PV_FP8=pv_fp8, UPCAST=interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

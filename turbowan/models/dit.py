@@ -339,7 +339,7 @@ def load_dit(
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
     if attention == "sagesla_spargeattn":
-        from ..kernels import SPARGEATTN_MISSING, spargeattn_dispatch
+        from ..ops.spargeattn import SPARGEATTN_MISSING, spargeattn_dispatch
 
         if spargeattn_dispatch() is None:
             raise ValueError(SPARGEATTN_MISSING)

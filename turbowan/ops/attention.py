@@ -8,7 +8,7 @@ Kinds (the loader's ``attention_type``):
                      bf16/fp16 inputs on compute capability 8.0+; otherwise a one-line notice and the ``"sla"``
                      path. (SpargeAttn is not needed.)
   * ``"sagesla_spargeattn"`` - the reference's SageSLA through SpargeAttn's CUDA kernels, for those who installed
-                     it and ask for it (`turbowan.kernels.spargeattn`); an error, not a fallback, when it is missing.
+                     it and ask for it (`turbowan.ops.spargeattn`); an error, not a fallback, when it is missing.
 
 All take q, k, v as [B, L, H, D] and return [B, L, H, D].
 """
@@ -21,7 +21,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..kernels import SPARGEATTN_MISSING, sagesla_dispatch, sla_dispatch, spargeattn_dispatch
+from ..kernels import sagesla_dispatch, sla_dispatch
+from .spargeattn import SPARGEATTN_MISSING, spargeattn_dispatch
 
 log = logging.getLogger("turbowan")
 

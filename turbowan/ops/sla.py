@@ -1,6 +1,7 @@
 """Sparse-linear attention (SLA), the pure-PyTorch definition of TurboDiffusion's `sla` attention.
 
-This module defines the semantics; the Triton kernels in `turbowan.kernels` compute the same function on CUDA.
+This module defines the semantics; the Triton kernels in `turbowan.kernels` compute the same function on CUDA. The
+contract all of them share (block sizes, the selected block count, input checks) is `turbowan.kernels.sla_contract`.
 
     out = o_s + proj_l(o_l)
 
@@ -23,44 +24,15 @@ Layout at the boundary: q, k, v are (B, L, H, D) (tokens before heads, as the Di
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from ..kernels.sla_contract import (BLKK, BLKQ, LOG2E, check_sla_inputs, check_sla_qk, compute_dtype,
+                                    selected_block_count)
+
 # Bytes of fp32 scores a group of query blocks may hold on the CPU path (sizes the chunk, not the result).
 _SCORE_BUDGET_BYTES = 256 * 1024 * 1024
-_LOG2E = 1.4426950408889634
 _LINEAR_EPS = 1e-5
-
-
-def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(
-            f"SLA expects q and k of the same shape (B, L, H, D); got q {tuple(q.shape)} and k {tuple(k.shape)}."
-        )
-    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or k.dtype != q.dtype:
-        raise ValueError(
-            f"SLA computes in bfloat16, float16 or float32 with q, k, v of one dtype; got q {q.dtype}, k {k.dtype}: "
-            "cast them to the model's compute dtype first."
-        )
-
-
-def selected_block_count(topk: float, num_key_blocks: int) -> int:
-    """`int(topk * K)` clamped to K; refuses a ratio that keeps no block (the reference would return NaN there)."""
-    if not (isinstance(topk, (int, float)) and math.isfinite(topk) and topk > 0):
-        raise ValueError(f"sla_topk must be a number in (0, 1], the fraction of key blocks kept; got {topk!r}.")
-    count = min(num_key_blocks, int(topk * num_key_blocks))
-    if count == 0:
-        smallest = math.ceil(10000 / num_key_blocks) / 10000
-        while int(smallest * num_key_blocks) == 0:  # guard against float rounding of the ratio
-            smallest += 1e-4
-        raise ValueError(
-            f"The clip is too short for sla_topk={topk}: its {num_key_blocks} key blocks give "
-            f"int({topk} * {num_key_blocks}) = 0 selected blocks; use sla_topk >= {smallest:.4f} "
-            "(or more frames / a larger resolution)."
-        )
-    return count
 
 
 def mean_pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -74,16 +46,16 @@ def mean_pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return (sums / counts).to(x.dtype)
 
 
-def sla_block_scores(q: torch.Tensor, k: torch.Tensor, blkq: int = 128, blkk: int = 64) -> torch.Tensor:
+def sla_block_scores(q: torch.Tensor, k: torch.Tensor, blkq: int = BLKQ, blkk: int = BLKK) -> torch.Tensor:
     """Pooled block scores (B, H, nQ, K) in the input dtype: mean-pooled q against mean-pooled (k - mean_L(k))."""
-    _check_qk(q, k)
+    check_sla_qk(q, k)
     qh = q.transpose(1, 2)  # (B, H, L, D)
     kh = k.transpose(1, 2)
     smoothed_k = kh - kh.mean(dim=2, keepdim=True)
     return mean_pool_blocks(qh, blkq) @ mean_pool_blocks(smoothed_k, blkk).transpose(-1, -2)
 
 
-def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int = 128, blkk: int = 64):
+def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int = BLKQ, blkk: int = BLKK):
     """Selected key blocks of each query block.
 
     q, k: (B, L, H, D). Returns (lut, count): lut int64 (B, H, ceil(L/blkq), count), each row sorted ascending, and
@@ -104,7 +76,7 @@ def _sparse_attention(q, k, v, lut, blkq: int, blkk: int) -> torch.Tensor:
     k_blocks = F.pad(k, (0, 0, 0, nk * blkk - length)).reshape(b, h, nk, blkk * d)
     v_blocks = F.pad(v, (0, 0, 0, nk * blkk - length)).reshape(b, h, nk, blkk * d)
     key_is_real = (torch.arange(nk * blkk, device=q.device) < length).view(nk, blkk)
-    scale_log2 = d**-0.5 * _LOG2E  # softmax in the exp2 domain, as the kernels compute it
+    scale_log2 = d**-0.5 * LOG2E  # softmax in the exp2 domain, as the kernels compute it
 
     out = torch.empty(b, h, nq * blkq, d, dtype=q.dtype, device=q.device)
     group = max(1, _SCORE_BUDGET_BYTES // (b * h * blkq * n_sel * blkk * 4))
@@ -136,18 +108,6 @@ def linear_attention(q, k, v) -> torch.Tensor:
     return (phi_q @ kv) / (_LINEAR_EPS + (phi_q * k_sum).sum(dim=-1, keepdim=True))
 
 
-def check_sla_inputs(q, k, v, proj_l_weight, proj_l_bias) -> None:
-    _check_qk(q, k)
-    if v.shape != q.shape or v.dtype != q.dtype:
-        raise ValueError(f"SLA expects v like q, {tuple(q.shape)} {q.dtype}; got {tuple(v.shape)} {v.dtype}.")
-    d = q.shape[-1]
-    if tuple(proj_l_weight.shape) != (d, d) or tuple(proj_l_bias.shape) != (d,):
-        raise ValueError(
-            f"SLA proj_l must be a {d} x {d} weight and a {d} bias for head dim {d}; got "
-            f"{tuple(proj_l_weight.shape)} and {tuple(proj_l_bias.shape)}: the checkpoint's proj_l does not match the heads."
-        )
-
-
 def sla_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -155,13 +115,13 @@ def sla_attention(
     proj_l_weight: torch.Tensor,
     proj_l_bias: torch.Tensor,
     topk: float,
-    blkq: int = 128,
-    blkk: int = 64,
+    blkq: int = BLKQ,
+    blkk: int = BLKK,
 ) -> torch.Tensor:
     """SLA forward. q, k, v: (B, L, H, D), one dtype; proj_l: weight (D, D), bias (D,). -> (B, L, H, D), q's dtype."""
     check_sla_inputs(q, k, v, proj_l_weight, proj_l_bias)
     lut, _ = sla_block_map(q, k, topk, blkq, blkk)  # scored in the input dtype, as the reference does
-    compute = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    compute = compute_dtype(q.dtype)
     qh, kh, vh = (t.transpose(1, 2).to(compute) for t in (q, k, v))  # (B, H, L, D)
     o_s = _sparse_attention(qh, kh, vh, lut, blkq, blkk)
     o_l = F.linear(linear_attention(qh, kh, vh), proj_l_weight.to(compute), proj_l_bias.to(compute))

@@ -7,7 +7,8 @@ channel, the block-sparse int8/fp8 kernel, then SLA's linear branch and proj_l i
 (Triton, nothing to install) measured faster and closer to the float result on an H200 (bench/RESULTS.md).
 
 SpargeAttn builds kernels per GPU generation; this path is verified on compute capability 9.0 (H100 / H200)
-only, and other cards are refused with a pointer to ``sagesla``.
+only, and other cards are refused with a pointer to ``sagesla``. The kernels are SpargeAttn's, not ours, so this glue
+sits in `turbowan.ops` rather than `turbowan.kernels`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ import torch
 import torch.nn.functional as F
 
 BLKQ, BLKK = 64, 128  # SpargeAttn's sm90 kernel tile
+
+SPARGEATTN_MISSING = (
+    "attention_type 'sagesla_spargeattn' needs SpargeAttn (the spas_sage_attn package built for this GPU, "
+    "github.com/thu-ml/SpargeAttn) and a CUDA GPU, which are not available here; use 'sagesla', our own int8 "
+    "kernel, which needs nothing installed"
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,8 +46,9 @@ def sagesla_spargeattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l
     from spas_sage_attn import _qattn as qattn
     from spas_sage_attn.utils import block_map_lut_triton, get_vanilla_qk_quant
 
-    from ..ops.sla import check_sla_inputs, linear_attention
-    from .sla_triton import sla_block_map_triton  # SpargeAttn needs Triton itself, so this is always importable
+    from ..kernels.sla_contract import check_sla_inputs
+    from ..kernels.sla_triton import sla_block_map_triton  # SpargeAttn needs Triton itself: always importable here
+    from .sla import linear_attention
 
     check_sla_inputs(q, k, v, proj_l_weight, proj_l_bias)
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -69,3 +77,9 @@ def sagesla_spargeattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l
 
     o_l = F.linear(linear_attention(qh, kh, vh), proj_l_weight.to(torch.bfloat16), proj_l_bias.to(torch.bfloat16))
     return (o_s + o_l).to(q.dtype).transpose(1, 2).contiguous()
+
+
+def spargeattn_dispatch():
+    """`sagesla_spargeattn` when SpargeAttn is installed and usable here, else None. Asked for by name only, so no
+    fallback notice: the caller refuses with SPARGEATTN_MISSING."""
+    return sagesla_spargeattn if available() else None

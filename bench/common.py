@@ -1,0 +1,70 @@
+"""What every bench script shares: the checkout on sys.path, one GPU timer, one merge into bench/results.json and
+the random full-size models (real shapes, random weights: timing needs no model files)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS_JSON = REPO / "bench" / "results.json"
+
+from turbowan.checkpoint import DiTConfig  # noqa: E402
+from turbowan.models.dit import random_dit  # noqa: E402
+from turbowan.models.vae import VAEConfig, WanVAE, WanVAEModel  # noqa: E402
+
+
+def median_ms(fn, reps: int = 10, warmup: int = 1) -> float:
+    """Median time of one fn() call on the GPU in ms: CUDA events around each call, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def merge_results(values: dict, card: str, prefix: str = "", date: str | None = None,
+                  path: Path | str = RESULTS_JSON) -> None:
+    """Read-modify-write of results.json (other benches keep their keys): `values`, plus `<prefix>card` and
+    `<prefix>date` (today unless given)."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(values)
+    data[f"{prefix}card"], data[f"{prefix}date"] = card, date or str(datetime.date.today())
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def random_experts(device, attention: str = "sla", int8_mode: str | None = None, config: DiTConfig | None = None):
+    """The two A14B experts (high noise, then low noise) with random bf16 weights, built on `device`."""
+    return [random_dit(config or DiTConfig(), dtype=torch.bfloat16, int8_mode=int8_mode, attention=attention,
+                       device=device, seed=seed) for seed in (0, 1)]
+
+
+def random_vae(device) -> WanVAE:
+    """The Wan2.1 VAE with random bf16 weights (unit norm gains, fan-in scaled kernels, zero biases)."""
+    with torch.device(device):
+        model = WanVAEModel(VAEConfig())
+    g = torch.Generator(device=device).manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif p.ndim > 1:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, device=device, generator=g) / fan_in ** 0.5)
+            else:
+                p.zero_()
+    return WanVAE(model.to(torch.bfloat16))

@@ -53,10 +53,10 @@ def random_experts(device, attention: str = "sla", int8_mode: str | None = None,
                        device=device, seed=seed) for seed in (0, 1)]
 
 
-def random_vae(device) -> WanVAE:
+def random_vae(device, config: VAEConfig | None = None) -> WanVAE:
     """The Wan2.1 VAE with random bf16 weights (unit norm gains, fan-in scaled kernels, zero biases)."""
     with torch.device(device):
-        model = WanVAEModel(VAEConfig())
+        model = WanVAEModel(config or VAEConfig())
     g = torch.Generator(device=device).manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -30,11 +30,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import turbowan  # noqa: E402
 from turbowan.checkpoint import DiTConfig  # noqa: E402
 from turbowan.models.dit import random_dit  # noqa: E402
-from turbowan.models.vae import VAEConfig, WanVAE, WanVAEModel  # noqa: E402
+from turbowan.models.vae import VAEConfig  # noqa: E402
+from common import merge_results, random_vae  # noqa: E402
 
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}
 TINY_DIT = DiTConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2)
@@ -64,7 +66,8 @@ def write_files(folder: Path, tiny: bool, device) -> dict:
             print(f"wrote {files[key].name} ({files[key].stat().st_size / 1e9:.1f} GB) in "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
     if not files["vae"].exists():
-        torch.save(random_vae(4 if tiny else 96).model.state_dict(), files["vae"])
+        vae = random_vae("cpu", VAEConfig(dim=4) if tiny else None)
+        torch.save({k: v.contiguous() for k, v in vae.model.state_dict().items()}, files["vae"])
     if not files["text"].exists():
         from safetensors.torch import save_file
 
@@ -79,20 +82,6 @@ def write_files(folder: Path, tiny: bool, device) -> dict:
                            torch.full((720, 1280), 128, dtype=torch.uint8)], -1)
         Image.fromarray(img.numpy()).save(files["image"])
     return files
-
-
-def random_vae(dim: int) -> WanVAE:
-    model = WanVAEModel(VAEConfig(dim=dim))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-            elif p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.zero_()
-    return WanVAE(model.to(torch.bfloat16))
 
 
 # -- measuring -------------------------------------------------------------------------------------------------
@@ -301,10 +290,12 @@ def main():
     print("\n| figure | value | how |\n|---|---|---|")
     for name, value, how in rows:
         print(f"| {name} | {value:.3f} | {how} |")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if args.save:
-        card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         Path(args.save).write_text(json.dumps({"card": card, "date": time.strftime("%Y-%m-%d"),
                                                "torch": torch.__version__, "figures": results}, indent=1))
+    if not args.tiny and device.type == "cuda":
+        merge_results(results, card, prefix="user_path_")
 
 
 if __name__ == "__main__":

@@ -145,7 +145,10 @@ def free_cuda_bytes(device: torch.device) -> int:
     available = free + torch.cuda.memory_reserved(device) - allocated
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     # a fraction can only have been set once CUDA is initialised (and asking earlier would initialise it)
-    fraction = get_fraction(device) if get_fraction is not None and torch.cuda.is_initialized() else 1.0
+    if get_fraction is None or not torch.cuda.is_initialized():
+        fraction = 1.0
+    else:
+        fraction = get_fraction(device.index if device.index is not None else torch.cuda.current_device())
     if fraction < 1.0:
         available = min(available, int(fraction * total) - allocated)
     return max(0, available)

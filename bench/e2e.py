@@ -94,7 +94,7 @@ def main():
     # build on the GPU (fast), then keep the home copy in host memory as a loader would
     experts = []
     for seed in (0, 1):
-        m = random_dit(cfg, dtype=torch.bfloat16, int8_mode=int8_mode, attention=args.attention, device=dev, seed=seed)
+        m = random_dit(cfg, dtype=torch.bfloat16, quant=int8_mode, attention=args.attention, device=dev, seed=seed)
         m.to("cpu")
         m.source = ("high" if seed == 0 else "low") + "-random"
         experts.append(m)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from .checkpoint import DiTConfig, ModelFileError
 from .models.dit import WanI2VDiT, load_dit
-from .pipeline import ASPECT_RATIOS, RESOLUTIONS, check_num_frames, generate_i2v, target_size
+from .options import ASPECT_RATIOS, RESOLUTIONS
+from .pipeline import check_num_frames, generate_i2v, target_size
 from .progress import ProgressHook
 from .sampler import expert_schedule, rcm_timesteps
 

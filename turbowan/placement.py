@@ -19,9 +19,9 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-log = logging.getLogger("turbowan")
+from .memory import FFN_CHUNK_TOKENS, activation_bytes, choose_mode
 
-EXECUTION_MODES = ("auto", "resident", "swap", "stream")
+log = logging.getLogger("turbowan")
 
 
 def default_device() -> torch.device:
@@ -120,23 +120,6 @@ class BlockStreamer:
         self._pending.clear()
 
 
-def activation_bytes(tokens: int, dim: int, ffn_dim: int, ffn_chunk: Optional[int]) -> int:
-    """Rough peak of one block's activations in bf16 (residual, normed input, q/k/v, fp32 temporaries, FFN)."""
-    width = 2 * tokens * dim  # one bf16 [L, dim] tensor
-    ffn_rows = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
-    return 10 * width + 2 * 2 * ffn_rows * ffn_dim
-
-
-def choose_mode(free_bytes: int, expert_bytes: int, other_expert_bytes: int, act_bytes: int) -> str:
-    """auto: resident if both experts and the activations fit, else swap if one does, else stream."""
-    margin = 1.1
-    if (expert_bytes + other_expert_bytes + act_bytes) * margin < free_bytes:
-        return "resident"
-    if (expert_bytes + act_bytes) * margin < free_bytes:
-        return "swap"
-    return "stream"
-
-
 def _host_ram_bytes() -> Optional[int]:
     try:
         import os
@@ -156,9 +139,6 @@ def free_cuda_bytes(device: torch.device) -> int:
     """Free memory on a CUDA device, counting what PyTorch holds in its cache but does not use."""
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-FFN_CHUNK_TOKENS = 16384
 
 
 class Placement:

@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .memory import GB, INT8_EXPERT_GB, PLACED_MODES, estimate_peak_gb, needed_free_gb
+from .memory import (ALLOCATOR_FACTOR, CONTEXT_SLACK_GB, GB, INT8_EXPERT_GB, PLACED_MODES, estimate_peak_gb,
+                     needed_free_gb)
 from .options import RESOLUTIONS, TEXT_WIDTH
 from .pipeline import expert_role_from_name
 
@@ -437,8 +438,8 @@ def memory_lines(device: torch.device, found: dict[str, list[Path]], models_dir)
         expert_gb = found["high"][0].stat().st_size / GB
         kind = f"expert file {found['high'][0].name}"
     lines = [f"  {free_gb:.1f} GB free on {device}; one expert {expert_gb:.1f} GB ({kind})",
-             "  estimates, not measurements (formula: turbowan.memory.estimate_peak_gb; a run needs 1.1 x peak "
-             "+ 0.5 GB free)"]
+             "  estimates, not measurements (formula: turbowan.memory.estimate_peak_gb; a run needs "
+             f"{ALLOCATOR_FACTOR:g} x peak + {CONTEXT_SLACK_GB:g} GB free)"]
     header = "  mode      " + "".join(f"{name} ({w}x{h})".ljust(30) for name, w, h in PRESETS)
     lines.append(header)
     best = None

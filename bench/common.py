@@ -47,9 +47,9 @@ def merge_results(values: dict, card: str, prefix: str = "", date: str | None = 
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def random_experts(device, attention: str = "sla", int8_mode: str | None = None, config: DiTConfig | None = None):
+def random_experts(device, attention: str = "sla", quant: str | None = None, config: DiTConfig | None = None):
     """The two A14B experts (high noise, then low noise) with random bf16 weights, built on `device`."""
-    return [random_dit(config or DiTConfig(), dtype=torch.bfloat16, int8_mode=int8_mode, attention=attention,
+    return [random_dit(config or DiTConfig(), dtype=torch.bfloat16, quant=quant, attention=attention,
                        device=device, seed=seed) for seed in (0, 1)]
 
 

@@ -23,7 +23,7 @@ def main():
     T, H, W = map(int, args.grid.split(","))
     dev = torch.device("cuda")
     cfg = DiTConfig(num_layers=2)
-    model = random_dit(cfg, device=dev, attention=args.attention, int8_mode=args.int8)
+    model = random_dit(cfg, device=dev, attention=args.attention, quant=args.int8)
     L = T * H * W
     x = torch.randn(1, L, cfg.dim, device=dev, dtype=torch.bfloat16)
     _, e0 = model._time_mlp(torch.tensor([900.0], device=dev))

@@ -59,7 +59,7 @@ def write_files(folder: Path, tiny: bool, device) -> dict:
     for seed, key in ((0, "high"), (1, "low")):
         if not files[key].exists():
             t = time.perf_counter()
-            m = random_dit(cfg, int8_mode="w8a8", device=device, seed=seed)
+            m = random_dit(cfg, quant="w8a8", device=device, seed=seed)
             sd = {k: v.cpu() for k, v in released_state_dict(m).items()}
             del m
             torch.save(sd, files[key])

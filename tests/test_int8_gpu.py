@@ -63,7 +63,7 @@ def test_fixture_unit_is_bit_exact():
 
 def test_int8linear_w8a8_on_cuda_uses_the_kernel_and_matches_emulation():
     x, wq, ws, bias = _random_layer(130, 256, 384, torch.bfloat16, 3)
-    layer = Int8Linear(384, 256, bias=True, mode="w8a8")
+    layer = Int8Linear(384, 256, bias=True, quant="w8a8")
     layer.int8_weight, layer.scale, layer.bias = wq, ws, bias
     from turbowan.kernels import int8_dispatch
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from .checkpoint import DiTConfig, ModelFileError
 from .models.dit import WanI2VDiT, load_dit
+from .options import ASPECT_RATIOS, RESOLUTIONS
 from .placement import release, release_all, resident_models
-from .pipeline import ASPECT_RATIOS, RESOLUTIONS, check_num_frames, generate_i2v, target_size
+from .pipeline import check_num_frames, generate_i2v, target_size
 from .progress import ProgressHook
 from .sampler import expert_schedule, rcm_timesteps
 

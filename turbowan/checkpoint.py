@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .options import TEXT_WIDTH
+
 
 class ModelFileError(ValueError):
     """A model file that cannot be used where it was given; the message says why and what to do."""
@@ -126,8 +128,7 @@ class DiTConfig:
     num_layers: int = 40
     in_dim: int = 36
     out_dim: int = 16
-    text_dim: int = 4096
-    text_len: int = 512
+    text_dim: int = TEXT_WIDTH
     freq_dim: int = 256
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6

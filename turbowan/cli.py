@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .options import (ASPECT_RATIOS, ATTENTION_KINDS, EXECUTION_MODES, QUANT_MODES, RESOLUTIONS, VIDEO_FORMATS,
+                      latent_tokens)
+
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
-VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
 
 
 # -- model files ------------------------------------------------------------------------------------------
@@ -238,14 +240,15 @@ def check_sla_topk(topk: float, frames: int, width: int, height: int) -> None:
     """Refuse, before any loading, an SLA ratio that keeps no key block for this clip size."""
     from .kernels.sla_contract import selected_block_count
 
-    tokens = (1 + (frames - 1) // 4) * (height // 16) * (width // 16)
-    selected_block_count(topk, math.ceil(tokens / 64))  # raises ValueError naming the smallest ratio that works
+    # raises ValueError naming the smallest ratio that works
+    selected_block_count(topk, math.ceil(latent_tokens(frames, width, height) / 64))
 
 
 def output_paths(output, samples: int) -> list[Path]:
     output = Path(output).expanduser()
-    if output.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"-o {output.name}: the output must end in {', '.join(VIDEO_SUFFIXES)}")
+    suffixes = [f".{fmt}" for fmt in VIDEO_FORMATS]
+    if output.suffix.lower() not in suffixes:
+        raise ValueError(f"-o {output.name}: the output must end in {', '.join(suffixes)}")
     if output.is_dir():
         raise ValueError(f"-o {str(output)!r} is a folder; give a file name such as {output / 'video.mp4'}")
     if samples == 1:
@@ -352,9 +355,6 @@ def cmd_generate(args, progress: StageProgress) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import ASPECT_RATIOS, RESOLUTIONS
-    from .placement import EXECUTION_MODES
-
     parser = argparse.ArgumentParser(
         prog="turbowan", description="TurboWan2.2 image-to-video (TurboDiffusion) without ComfyUI.", allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="print the library's notices (mode chosen, ...)")
@@ -389,10 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--boundary", type=float, default=0.9, help="flow time where the low-noise expert takes over")
     job.add_argument("--samples", type=int, default=1, help="videos from one run (-o name gets -1, -2, ...)")
     run = g.add_argument_group("how it runs")
-    run.add_argument("--attention", default="sla", choices=["sla", "sagesla", "original", "sagesla_spargeattn"],
+    run.add_argument("--attention", default="sla", choices=list(ATTENTION_KINDS),
                      help="(default sla; sagesla_spargeattn needs SpargeAttn installed)")
     run.add_argument("--sla-topk", type=float, default=0.1, help="fraction of key blocks SLA keeps (default 0.1)")
-    run.add_argument("--quant", default="w8a16", choices=["w8a16", "w8a8"],
+    run.add_argument("--quant", default="w8a16", choices=list(QUANT_MODES),
                      help="how int8 weights run: dequantized (w8a16) or int8 x int8 (w8a8)")
     run.add_argument("--mode", default="auto", choices=list(EXECUTION_MODES),
                      help="where the expert weights live on CUDA (default auto; see `turbowan doctor`)")

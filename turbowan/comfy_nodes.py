@@ -41,15 +41,15 @@ import folder_paths
 from .checkpoint import file_identity
 from .models.dit import WanI2VDiT, load_dit
 from .models.vae import WanVAE, load_vae, vae_from_state_dict
-from .pipeline import ASPECT_RATIOS, RESOLUTIONS, generate_i2v, read_text_embedding, target_size
-from .placement import EXECUTION_MODES, FFN_CHUNK_TOKENS, activation_bytes
-from .video import FORMATS, write_video
+from .memory import FFN_CHUNK_TOKENS, activation_bytes
+from .options import (ASPECT_RATIOS, ATTENTION_KINDS, EXECUTION_MODES, QUANT_MODES, RESOLUTIONS, TEXT_WIDTH,
+                      VIDEO_FORMATS, latent_frames, latent_tokens)
+from .pipeline import generate_i2v, read_text_embedding, target_size
+from .video import write_video
 
 log = logging.getLogger("turbowan")
 
 CATEGORY = "video/turbodiffusion"
-ATTENTION_TYPES = ("sla", "sagesla", "original", "sagesla_spargeattn")
-TEXT_WIDTH = 4096  # umT5-xxl
 
 
 def model_dtype() -> torch.dtype:
@@ -105,7 +105,7 @@ class TurboWanModelLoader:
                 "model_name": (folder_paths.get_filename_list("diffusion_models"), {
                     "tooltip": "A TurboWan2.2-I2V-A14B expert from models/diffusion_models "
                                "(…-high-720P-quant.pth for the high-noise slot, …-low-… for the low-noise slot)."}),
-                "attention_type": (list(ATTENTION_TYPES), {
+                "attention_type": (list(ATTENTION_KINDS), {
                     "default": "sla",
                     "tooltip": "sla: sparse-linear attention the models were distilled with (Triton kernel on CUDA). "
                                "sagesla: SLA with int8 Q/K (Triton), falls back to sla where it cannot run. "
@@ -120,7 +120,7 @@ class TurboWanModelLoader:
                                "to the run). swap: one expert on the GPU at a time. stream: blocks copied in while "
                                "the previous one computes (least VRAM). resident: both experts stay on the GPU. "
                                "auto: the first that fits."}),
-                "int8_compute": (["w8a16", "w8a8"], {
+                "int8_compute": (list(QUANT_MODES), {
                     "default": "w8a16",
                     "tooltip": "For -quant (int8) files. w8a16: weights dequantized to bf16, works everywhere. "
                                "w8a8: int8 activations too, the reference's numerics; about 1.3x faster linear "
@@ -360,16 +360,17 @@ class TurboDiffusionI2VSampler:
         try:
             size = {"width": width or None, "height": height or None}  # 0 = from the preset
             w, h = target_size((image.shape[-2], image.shape[-3]), resolution, aspect_ratio, adaptive_resolution, **size)
-            latent_frames = 1 + max(0, num_frames - 1) // 4
-            tokens = latent_frames * (h // 16) * (w // 16)
             config = high_noise_model.config
-            progress = ComfyProgress({"encode": latent_frames, "sample": num_steps, "decode": latent_frames})
+            chunks = latent_frames(num_frames)  # expected VAE progress units; the VAE reports its own totals
+            progress = ComfyProgress({"encode": chunks, "sample": num_steps, "decode": chunks})
+            working_bytes = activation_bytes(latent_tokens(num_frames, w, h), config.dim, config.ffn_dim,
+                                             FFN_CHUNK_TOKENS)
             frames = generate_i2v(
                 high_noise_model, low_noise_model, wan_vae, image, text,
                 num_frames=num_frames, num_steps=num_steps, resolution=resolution, aspect_ratio=aspect_ratio,
                 adaptive_resolution=adaptive_resolution, **size, boundary=boundary, sigma_max=sigma_max, seed=seed,
                 ode=use_ode, progress=progress, device=mm.get_torch_device(),
-                before_load=make_before_load(activation_bytes(tokens, config.dim, config.ffn_dim, FFN_CHUNK_TOKENS)),
+                before_load=make_before_load(working_bytes),
                 one_expert_at_a_time=True,  # 'auto' never parks both experts on a GPU ComfyUI shares
                 keep_loaded=False,  # ComfyUI cannot evict what it does not manage: nothing of ours stays between runs
             )
@@ -396,7 +397,7 @@ class TurboDiffusionSaveVideo:
                 "fps": ("INT", {
                     "default": 16, "min": 1, "max": 120,
                     "tooltip": "Frames per second; 16 is the TurboWan2.2 / Wan2.2 A14B models' native rate."}),
-                "format": (list(FORMATS), {
+                "format": (list(VIDEO_FORMATS), {
                     "default": "mp4", "tooltip": "mp4: H.264 yuv420p. webm: VP9. gif: 256-colour palette per frame."}),
                 "quality": ("INT", {
                     "default": 8, "min": 0, "max": 10,

@@ -8,15 +8,16 @@ coloured noise, not a picture of anything: real videos need the released model f
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import DiTConfig
-from .models.dit import WanI2VDiT
+from .models.dit import random_dit
+from .models.random_weights import random_parameters
 from .models.vae import VAEConfig, WanVAE, WanVAEModel
+from .options import VIDEO_FORMATS
 
 # Widths chosen to run in seconds on two CPU cores while keeping every structural constant of the release
 # (36 input channels, 64-wide heads as in the fixtures, the 4096-wide text input, z_dim 16).
@@ -28,40 +29,15 @@ DEMO_SLA_TOPK = 0.5
 DEMO_TEXT_TOKENS = 16
 
 
-@torch.no_grad()
-def init_random_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Seeded initialisation at the scale the real weights have: unit-gain norms, zero biases,
-    matrices and convolution kernels ~ N(0, 1/fan_in) (activations keep their size layer to layer),
-    and the Wan modulation tables ~ N(0, 1/dim) as Wan initialises them."""
-    for name, p in module.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if "modulation" in leaf:
-            p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p.shape[-1]))
-        elif leaf == "gamma" or "norm" in name:
-            p.fill_(1.0)
-        elif leaf == "bias" or p.ndim < 2:
-            p.zero_()
-        else:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
-
-
 def build_demo_models(seed: int = 0, dtype: torch.dtype = torch.float32):
     """(high, low, vae): two tiny experts with different seeds and a tiny VAE, on the CPU."""
-    generator = torch.Generator().manual_seed(seed)
-    experts = []
-    for role in ("high", "low"):
-        model = WanI2VDiT(DEMO_DIT, int8_mode=None, with_proj_l=True)
-        init_random_(model, generator)
-        model.to(dtype)
-        model.dtype = dtype
-        model.source = f"demo-{role}"  # the pipeline checks the high/low roles by name
-        model.set_attention("sla", DEMO_SLA_TOPK)
-        experts.append(model.eval().requires_grad_(False))
+    high, low = (random_dit(DEMO_DIT, dtype=dtype, attention="sla", sla_topk=DEMO_SLA_TOPK, seed=seed + 2 + i)
+                 for i in range(2))  # seed + 1 draws the prompt
+    high.source, low.source = "demo-high", "demo-low"  # the pipeline checks the high/low roles by name
     vae_model = WanVAEModel(DEMO_VAE)
-    init_random_(vae_model, generator)
-    vae = WanVAE(vae_model.to(dtype))
-    return experts[0], experts[1], vae
+    generator = torch.Generator().manual_seed(seed + 4)
+    vae_model.load_state_dict(random_parameters(vae_model, generator, lambda name: dtype), strict=True, assign=True)
+    return high, low, WanVAE(vae_model)
 
 
 def demo_image(width: int = DEMO_WIDTH, height: int = DEMO_HEIGHT):
@@ -84,7 +60,7 @@ def run_demo(output="turbowan-demo.mp4", seed: int = 0, device="cpu", progress=N
     from .pipeline import generate_i2v
 
     output = Path(output).expanduser()
-    if output.suffix.lower() not in (".mp4", ".webm", ".gif"):
+    if output.suffix.lower().lstrip(".") not in VIDEO_FORMATS:
         raise ValueError(f"-o {output.name}: the demo writes .mp4, .webm or .gif")
     if progress is not None:
         progress.restart_clock()

@@ -9,7 +9,7 @@ Sections of the report:
 * model files: what is found in a ComfyUI models folder and whether each file is the right kind for its slot,
   reading only the .safetensors header or a memory-mapped .pth (seconds, even for 14 GB files);
 * memory: per execution mode, the longest clip at 720p and 480p that should fit the free GPU memory, from
-  `estimate_peak_gb` (an estimate from measured anchors, not a measurement), with the command to run.
+  `turbowan.memory.estimate_peak_gb` (an estimate from measured anchors, not a measurement), with the command to run.
 
 Exit code 0 when nothing failed, 1 when a kernel disagrees with the PyTorch path or a file is in the wrong slot.
 """
@@ -31,80 +31,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .memory import (ALLOCATOR_FACTOR, CONTEXT_SLACK_GB, GB, INT8_EXPERT_GB, PLACED_MODES, estimate_peak_gb,
+                     needed_free_gb)
+from .options import RESOLUTIONS, TEXT_WIDTH
 from .pipeline import expert_role_from_name
 
-GB = 1e9
-
-# -- memory anchors ------------------------------------------------------------------------------------------
-# Measured on one H200 for this project (shared/notes/gpu-anchors.md): the reference TurboDiffusion's one-step
-# peak at 720p, 81 frames (75,600 tokens) with a bf16 expert resident is 36.2 GB; the bf16 expert is 28.6 GB,
-# so 7.6 GB are activations (about 100 KB per token). At 480p (32,760 tokens) it peaks at 30.8 GB, i.e. 2.2 GB
-# of activations, so the per-token figure is on the safe side below 720p.
-REF_PEAK_720P_GB = 36.2
-BF16_EXPERT_GB = 28.6
-INT8_EXPERT_GB = 14.5
-TOKENS_720P_81F = 75_600
-TOKENS_480P_81F = 32_760
-ACTIVATION_GB_PER_TOKEN = (REF_PEAK_720P_GB - BF16_EXPERT_GB) / TOKENS_720P_81F
-NON_BLOCK_GB = 0.46  # A14B patch/text/time embeddings, time projection and head, bf16 (232M parameters)
-EXPERT_BLOCKS = 40
-STREAM_BLOCKS_ON_GPU = 2  # the block computing and the one being copied in
-# The reference decodes 720p untiled at a 10.6 GB peak; our VAE tiles to fit, and is assumed to need about this:
-VAE_TILED_GB = 2.0
-CONTEXT_SLACK_GB = 0.5  # CUDA context and allocator slack on top of the allocated peak
-ALLOCATOR_FACTOR = 1.10  # reserved / allocated seen in practice
-
-MODES = ("resident", "swap", "stream")
-PRESETS = (("720p", 1280, 720), ("480p", 832, 480))
+# the doctor's table: 81 frames first, then shorter clips; 720p and 480p at 16:9
+PRESETS = tuple((name, *RESOLUTIONS[name]["16:9"]) for name in ("720p", "480p"))
 FRAME_CHOICES = (81, 61, 49, 33, 17)
-
-
-def clip_tokens(width: int, height: int, frames: int) -> int:
-    """DiT tokens of one clip: latent frames (1 + (F-1)/4) x (H/16) x (W/16)."""
-    return (1 + (frames - 1) // 4) * (height // 16) * (width // 16)
-
-
-def estimate_peak_gb(mode: str, width: int, height: int, frames: int, expert_gb: float = INT8_EXPERT_GB,
-                     measured: Optional[dict] = None) -> float:
-    """Estimated peak GPU memory (GB allocated) of one ``turbowan generate`` run. An ESTIMATE, not a measurement.
-
-        peak     = max(sampling, VAE)
-        sampling = expert weights on the GPU + activations
-                   resident: both experts; swap: one expert; stream: the non-block weights + 2 of the 40 blocks
-        activations = tokens x (36.2 - 28.6) GB / 75,600 tokens   (the reference's measured 720p step; it
-                   over-estimates 480p by about 1 GB, and our chunked FFN only lowers it)
-        VAE      = about 2 GB: encode and decode run after/before the experts leave the GPU, tiled to fit
-
-    ``expert_gb`` is one expert's size (14.5 int8, 28.6 bf16). ``measured``: our own stream-mode peaks from
-    ``bench/results.json`` (``stream_peak_480p_gb``, ``stream_peak_720p_gb``, at 81 frames); when given, the stream
-    estimate is the straight line through them in tokens instead of the formula. The text encoder is not counted:
-    it runs before the experts load, on the GPU only when it fits there.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    tokens = clip_tokens(width, height, frames)
-    if mode == "stream" and measured and {"stream_peak_480p_gb", "stream_peak_720p_gb"} <= measured.keys():
-        lo, hi = float(measured["stream_peak_480p_gb"]), float(measured["stream_peak_720p_gb"])
-        slope = (hi - lo) / (TOKENS_720P_81F - TOKENS_480P_81F)
-        return max(VAE_TILED_GB, lo + slope * (tokens - TOKENS_480P_81F))
-    block_gb = (expert_gb - NON_BLOCK_GB) / EXPERT_BLOCKS
-    weights = {"resident": 2 * expert_gb, "swap": expert_gb,
-               "stream": NON_BLOCK_GB + STREAM_BLOCKS_ON_GPU * block_gb}[mode]
-    return max(weights + ACTIVATION_GB_PER_TOKEN * tokens, VAE_TILED_GB)
-
-
-def needed_free_gb(peak_gb: float) -> float:
-    """Free memory a run with this allocated peak needs: allocator slack and the CUDA context on top."""
-    return ALLOCATOR_FACTOR * peak_gb + CONTEXT_SLACK_GB
-
-
-def load_bench_results() -> Optional[dict]:
-    """bench/results.json of this checkout (our measured figures), if present."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "results.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -461,8 +395,8 @@ def _inspect_text_encoder(path: Path, sd: dict, what: str, label: str) -> Check:
     if vocab < 250_000:
         return Check(label, False, f"a T5-family encoder with a {vocab:,}-token vocabulary, not umT5-xxl (256,384; "
                                    "Flux's t5xxl has 32,128)")
-    if width != 4096:
-        return Check(label, False, f"a umT5 encoder {width} wide; Wan needs the 4096-wide umT5-xxl")
+    if width != TEXT_WIDTH:
+        return Check(label, False, f"a umT5 encoder {width} wide; Wan needs the {TEXT_WIDTH}-wide umT5-xxl")
     # one-byte float weights (the header reader keeps unknown dtypes such as F8_E4M3 as uint8)
     fp8 = any(t.element_size() == 1 and t.dtype != torch.int8 and k.endswith(".weight") and t.ndim == 2
               for k, t in sd.items())
@@ -503,27 +437,22 @@ def memory_lines(device: torch.device, found: dict[str, list[Path]], models_dir)
     if found.get("high") and found["high"][0].stat().st_size > GB:  # (smaller: a test model)
         expert_gb = found["high"][0].stat().st_size / GB
         kind = f"expert file {found['high'][0].name}"
-    bench = load_bench_results()
-    measured = bench if bench and "stream_peak_720p_gb" in bench else None
     lines = [f"  {free_gb:.1f} GB free on {device}; one expert {expert_gb:.1f} GB ({kind})",
-             "  estimates, not measurements (formula: turbowan.doctor.estimate_peak_gb; a run needs 1.1 x peak "
-             "+ 0.5 GB free)"]
-    if measured:
-        lines.append(f"  stream estimates use our measured peaks from bench/results.json "
-                     f"({measured.get('card', 'card?')}, {measured.get('date', 'date?')})")
+             "  estimates, not measurements (formula: turbowan.memory.estimate_peak_gb; a run needs "
+             f"{ALLOCATOR_FACTOR:g} x peak + {CONTEXT_SLACK_GB:g} GB free)"]
     header = "  mode      " + "".join(f"{name} ({w}x{h})".ljust(30) for name, w, h in PRESETS)
     lines.append(header)
     best = None
-    for mode in MODES:
+    for mode in PLACED_MODES:
         cells = []
         for name, w, h in PRESETS:
             fit = next((f for f in FRAME_CHOICES
-                        if needed_free_gb(estimate_peak_gb(mode, w, h, f, expert_gb, measured)) <= free_gb), None)
+                        if needed_free_gb(estimate_peak_gb(mode, w, h, f, expert_gb)) <= free_gb), None)
             if fit is None:
-                smallest = estimate_peak_gb(mode, w, h, FRAME_CHOICES[-1], expert_gb, measured)
+                smallest = estimate_peak_gb(mode, w, h, FRAME_CHOICES[-1], expert_gb)
                 cells.append(f"no (17 frames ~{smallest:.1f} GB)")
                 continue
-            cells.append(f"{fit} frames, ~{estimate_peak_gb(mode, w, h, fit, expert_gb, measured):.1f} GB")
+            cells.append(f"{fit} frames, ~{estimate_peak_gb(mode, w, h, fit, expert_gb):.1f} GB")
             # the full 81 frames first, then the larger picture, then the longer clip; ties go to the faster mode
             key = (fit != FRAME_CHOICES[0], PRESETS.index((name, w, h)), -fit)
             if best is None or key < best[0]:

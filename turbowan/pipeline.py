@@ -24,25 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .options import ASPECT_RATIOS, RESOLUTIONS, SIZE_MULTIPLE, TEXT_LEN, TEXT_WIDTH, latent_tokens
 from .progress import ProgressHook
 from .placement import Placement, default_device
 from .sampler import expert_schedule, initial_noise, rcm_timesteps, sample_rcm
 
 log = logging.getLogger("turbowan")
-
-# (width, height) per resolution and aspect ratio: the reference's table (rcm/datasets/utils.py)
-RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
-    "480": {"16:9": (768, 432), "9:16": (432, 768), "4:3": (640, 480), "3:4": (480, 640), "1:1": (480, 480)},
-    "480p": {"16:9": (832, 480), "9:16": (480, 832), "4:3": (640, 480), "3:4": (480, 640), "1:1": (640, 640)},
-    "512": {"16:9": (640, 384), "9:16": (384, 640), "4:3": (640, 512), "3:4": (512, 640), "1:1": (512, 512)},
-    "720": {"16:9": (1280, 704), "9:16": (704, 1280), "4:3": (960, 704), "3:4": (704, 960), "1:1": (960, 960)},
-    "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "4:3": (960, 720), "3:4": (720, 960), "1:1": (960, 960)},
-}
-ASPECT_RATIOS = ("16:9", "9:16", "4:3", "3:4", "1:1")
-SIZE_MULTIPLE = 16  # VAE stride 8 x patch 2
-TEXT_TOKENS = 512
-TEXT_WIDTH = 4096
-
 
 def check_num_frames(num_frames: int) -> None:
     """Frame counts must be 4n+1 (the VAE packs 4 frames per latent after the first)."""
@@ -154,9 +141,9 @@ def prepare_text_embedding(text_embedding: torch.Tensor) -> torch.Tensor:
     if e.shape[0] != 1:
         raise ValueError(f"expected one prompt's embedding, got a batch of {e.shape[0]}")
     L = e.shape[1]
-    if L >= TEXT_TOKENS:
-        return e[:, :TEXT_TOKENS]
-    return F.pad(e, (0, 0, 0, TEXT_TOKENS - L))
+    if L >= TEXT_LEN:
+        return e[:, :TEXT_LEN]
+    return F.pad(e, (0, 0, 0, TEXT_LEN - L))
 
 
 def read_text_embedding(path) -> torch.Tensor:
@@ -278,8 +265,8 @@ def generate_i2v(
     log.info("turbowan: %dx%d, %d frames, %d steps, seed %d", w, h, num_frames, num_steps, seed)
 
     place = Placement(device, before_load, keep_loaded=keep_loaded)
-    lat_t, lat_h, lat_w = 1 + (num_frames - 1) // 4, h // 8, w // 8
-    mode = place.resolve_mode(high, low, tokens=num_samples * lat_t * (lat_h // 2) * (lat_w // 2),
+    lat_h, lat_w = h // 8, w // 8  # VAE latents
+    mode = place.resolve_mode(high, low, tokens=num_samples * latent_tokens(num_frames, w, h),
                               allow_resident=not one_expert_at_a_time)
     experts = {"high": high, "low": low}
     ok = False

@@ -27,13 +27,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from .memory import ALLOCATOR_FACTOR, FFN_CHUNK_TOKENS, activation_bytes, choose_mode
 from .staging import Upload, staging_ring
 
 log = logging.getLogger("turbowan")
 
-EXECUTION_MODES = ("auto", "resident", "swap", "stream")
 STREAM_PREFETCH_BLOCKS = 2  # blocks copied in ahead of the one computing
-MARGIN = 1.1
 
 
 def default_device() -> torch.device:
@@ -121,22 +120,6 @@ class BlockStreamer:
         self.pending.clear()
 
 
-def activation_bytes(tokens: int, dim: int, ffn_dim: int, ffn_chunk: Optional[int]) -> int:
-    """Rough peak of one block's activations in bf16 (residual, normed input, q/k/v, fp32 temporaries, FFN)."""
-    width = 2 * tokens * dim  # one bf16 [L, dim] tensor
-    ffn_rows = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
-    return 10 * width + 2 * 2 * ffn_rows * ffn_dim
-
-
-def choose_mode(free_bytes: int, expert_bytes: int, other_expert_bytes: int, act_bytes: int) -> str:
-    """auto: resident if both experts and the activations fit, else swap if one does, else stream."""
-    if (expert_bytes + other_expert_bytes + act_bytes) * MARGIN < free_bytes:
-        return "resident"
-    if (expert_bytes + act_bytes) * MARGIN < free_bytes:
-        return "swap"
-    return "stream"
-
-
 def free_cuda_bytes(device: torch.device) -> int:
     """Free memory on a CUDA device for this process: what the driver reports plus what PyTorch caches unused,
     capped by `torch.cuda.set_per_process_memory_fraction` when one is set."""
@@ -152,9 +135,6 @@ def free_cuda_bytes(device: torch.device) -> int:
     if fraction < 1.0:
         available = min(available, int(fraction * total) - allocated)
     return max(0, available)
-
-
-FFN_CHUNK_TOKENS = 16384
 
 
 # -- residency ------------------------------------------------------------------------------------------------
@@ -279,7 +259,7 @@ class Placement:
         self.ffn_chunk = FFN_CHUNK_TOKENS
         if mode == "resident":
             free = self._available() if free is None else free
-            if (one + other + activation_bytes(tokens, c.dim, c.ffn_dim, None)) * MARGIN < free:
+            if (one + other + activation_bytes(tokens, c.dim, c.ffn_dim, None)) * ALLOCATOR_FACTOR < free:
                 self.ffn_chunk = None
         return mode
 
@@ -380,7 +360,7 @@ class Placement:
         host application free what it holds."""
         if self.device.type == "cuda":
             for key, entry in list(_residents.items()):
-                if free_cuda_bytes(self.device) > nbytes * MARGIN:
+                if free_cuda_bytes(self.device) > nbytes * ALLOCATOR_FACTOR:
                     break
                 if entry.device == self.device and key not in self.used:
                     release(entry.model)

@@ -27,7 +27,8 @@ from typing import Mapping, Optional, Union
 
 import numpy as np
 
-FORMATS = ("mp4", "webm", "gif")
+from .options import VIDEO_FORMATS
+
 # (CRF at quality 10, CRF at quality 0) per container
 _CRF_RANGE = {"mp4": (12, 40), "webm": (15, 55)}
 _CODEC = {"mp4": "libx264", "webm": "libvpx-vp9"}
@@ -84,8 +85,8 @@ def write_video(
     """Write ``frames`` to ``path`` and return the path (as str). ``format`` defaults to the file extension."""
     path = Path(path)
     fmt = (format or path.suffix.lstrip(".") or "mp4").lower()
-    if fmt not in FORMATS:
-        raise ValueError(f"video format must be one of {FORMATS}, got {fmt!r}")
+    if fmt not in VIDEO_FORMATS:
+        raise ValueError(f"video format must be one of {VIDEO_FORMATS}, got {fmt!r}")
     if not 0 <= quality <= 10:
         raise ValueError(f"quality must be between 0 and 10 (10 = best), got {quality}")
     if not fps > 0:

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from ..checkpoint import DiTConfig
 from ..ops.attention import dense_attention, self_attention
 from ..ops.int8 import Int8Linear, apply_linear, shared_int8_input
+from ..options import ATTENTION_KINDS, EXECUTION_MODES, QUANT_MODES
+from .random_weights import random_parameters
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -152,15 +154,15 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
     return apply_rope(_rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
 
 
-def make_linear(in_f: int, out_f: int, int8_mode: str | None) -> nn.Module:
-    return nn.Linear(in_f, out_f) if int8_mode is None else Int8Linear(in_f, out_f, True, int8_mode)
+def make_linear(in_f: int, out_f: int, quant: str | None) -> nn.Module:
+    return nn.Linear(in_f, out_f) if quant is None else Int8Linear(in_f, out_f, True, quant)
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, c: DiTConfig, int8_mode: str | None, with_proj_l: bool):
+    def __init__(self, c: DiTConfig, quant: str | None, with_proj_l: bool):
         super().__init__()
         self.num_heads, self.head_dim = c.num_heads, c.head_dim
-        self.q, self.k, self.v, self.o = (make_linear(c.dim, c.dim, int8_mode) for _ in range(4))
+        self.q, self.k, self.v, self.o = (make_linear(c.dim, c.dim, quant) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(c.dim, c.eps), RMSNorm(c.dim, c.eps)
         # SLA's learned projection of the linear-attention branch ([head_dim, head_dim], shared by all heads)
         self.proj_l = nn.Linear(c.head_dim, c.head_dim) if with_proj_l else None
@@ -181,10 +183,10 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Dense attention from video tokens to the 512 text tokens (no mask: padded rows take part, as in training)."""
 
-    def __init__(self, c: DiTConfig, int8_mode: str | None):
+    def __init__(self, c: DiTConfig, quant: str | None):
         super().__init__()
         self.num_heads, self.head_dim = c.num_heads, c.head_dim
-        self.q, self.k, self.v, self.o = (make_linear(c.dim, c.dim, int8_mode) for _ in range(4))
+        self.q, self.k, self.v, self.o = (make_linear(c.dim, c.dim, quant) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(c.dim, c.eps), RMSNorm(c.dim, c.eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -198,9 +200,9 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Sequential):
     """Linear -> GELU(tanh) -> Linear; `chunk` tokens at a time bounds the [L, ffn_dim] activation."""
 
-    def __init__(self, c: DiTConfig, int8_mode: str | None):
-        super().__init__(make_linear(c.dim, c.ffn_dim, int8_mode), nn.GELU(approximate="tanh"),
-                         make_linear(c.ffn_dim, c.dim, int8_mode))
+    def __init__(self, c: DiTConfig, quant: str | None):
+        super().__init__(make_linear(c.dim, c.ffn_dim, quant), nn.GELU(approximate="tanh"),
+                         make_linear(c.ffn_dim, c.dim, quant))
         self.chunk: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,14 +212,14 @@ class FeedForward(nn.Sequential):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, c: DiTConfig, int8_mode: str | None, with_proj_l: bool):
+    def __init__(self, c: DiTConfig, quant: str | None, with_proj_l: bool):
         super().__init__()
         self.eps = c.eps
         self.modulation = nn.Parameter(torch.zeros(1, 6, c.dim))
-        self.self_attn = SelfAttention(c, int8_mode, with_proj_l)
+        self.self_attn = SelfAttention(c, quant, with_proj_l)
         self.norm3 = AffineLayerNorm(c.dim, c.eps)
-        self.cross_attn = CrossAttention(c, int8_mode)
-        self.ffn = FeedForward(c, int8_mode)
+        self.cross_attn = CrossAttention(c, quant)
+        self.ffn = FeedForward(c, quant)
 
     def forward(self, x, e0, cos, sin, context):
         # x [B, L, dim] compute dtype; e0 [B, 6, dim] fp32
@@ -243,7 +245,7 @@ class Head(nn.Module):
 class WanI2VDiT(nn.Module):
     """One Wan2.2 I2V expert. Call as ``model(x, t, context, y)`` (shapes in the module docstring)."""
 
-    def __init__(self, config: DiTConfig, int8_mode: str | None = None, with_proj_l: bool = True):
+    def __init__(self, config: DiTConfig, quant: str | None = None, with_proj_l: bool = True):
         super().__init__()
         c = self.config = config
         patch_in = c.in_dim * math.prod(c.patch_size)
@@ -252,17 +254,17 @@ class WanI2VDiT(nn.Module):
                                             nn.Linear(c.dim, c.dim))
         self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
-        self.blocks = nn.ModuleList(DiTBlock(c, int8_mode, with_proj_l) for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(DiTBlock(c, quant, with_proj_l) for _ in range(c.num_layers))
         self.head = Head(c)
         self.dtype = torch.float32  # compute dtype of the residual stream; set by the loader
         self.source = ""  # file the weights came from (for messages and slot checks)
         self.execution_mode = "auto"  # the loader's choice; see turbowan.placement
 
     # -- configuration -------------------------------------------------------------------------------------
-    def set_attention(self, kind: str, topk: float = 0.1) -> None:
+    def set_attention(self, attention: str, sla_topk: float = 0.1) -> None:
         for block in self.blocks:
-            block.self_attn.attention = kind
-            block.self_attn.sla_topk = topk
+            block.self_attn.attention = attention
+            block.self_attn.sla_topk = sla_topk
 
     @property
     def attention(self) -> str:
@@ -308,7 +310,13 @@ class WanI2VDiT(nn.Module):
 
 # -- loading ------------------------------------------------------------------------------------------------
 
-QUANT_MODES = ("w8a16", "w8a8")
+_FP32_PARAMETERS = (".norm_q.", ".norm_k.", ".norm3.")
+
+
+def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """Norm parameters stay fp32, as the reference's fused norms keep them; the rest is in the compute dtype."""
+    return torch.float32 if any(s in name for s in _FP32_PARAMETERS) else dtype
+
 
 
 def load_dit(
@@ -332,9 +340,7 @@ def load_dit(
     * ``mode``: execution mode on CUDA: ``"auto"``, ``"resident"``, ``"swap"`` or ``"stream"`` (see
       `turbowan.placement`).
     """
-    from ..placement import EXECUTION_MODES
     from ..checkpoint import ModelFileError, read_dit_checkpoint
-    from ..ops.attention import ATTENTION_KINDS
 
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
@@ -356,24 +362,18 @@ def load_dit(
             f"{name} has no SLA weights (proj_l), so it is not a TurboWan checkpoint for attention_type "
             f"{attention!r}; use the TurboWan2.2 files, or attention_type 'original'"
         )
-    int8_mode = quant if (ckpt.quantized or quant == "w8a8") else None
     with_proj_l = attention != "original"
     with torch.device("meta"):
-        model = WanI2VDiT(ckpt.config, int8_mode if ckpt.quantized else None, with_proj_l)
+        model = WanI2VDiT(ckpt.config, quant if ckpt.quantized else None, with_proj_l)
 
     sd = {}
     for k, v in ckpt.state_dict.items():
         if ".proj_l." in k and not with_proj_l:
             continue  # dense attention does not use SLA's projection
-        if v.dtype == torch.int8 or k.endswith(".scale"):
-            sd[k] = v
-        elif any(s in k for s in (".norm_q.", ".norm_k.", ".norm3.")):
-            sd[k] = v.float()  # norm parameters stay fp32, as the reference's fused norms keep them
-        else:
-            sd[k] = v.to(dtype)
+        sd[k] = v if v.dtype == torch.int8 or k.endswith(".scale") else v.to(parameter_dtype(k, dtype))
     model.load_state_dict(sd, strict=True, assign=True)
-    if int8_mode is not None and not ckpt.quantized:  # bf16 file run as w8a8: quantize the block linears now
-        _quantize_block_linears(model, int8_mode)
+    if quant == "w8a8" and not ckpt.quantized:  # bf16 file run as w8a8: quantize the block linears now
+        _quantize_block_linears(model, quant)
     model.dtype = dtype
     model.source = str(path)
     model.execution_mode = mode
@@ -384,52 +384,38 @@ def load_dit(
     return model
 
 
-def _quantize_block_linears(model: WanI2VDiT, mode: str) -> None:
+def _quantize_block_linears(model: WanI2VDiT, quant: str) -> None:
     for block in model.blocks:
         for parent in (block.self_attn, block.cross_attn):
             for name in ("q", "k", "v", "o"):
                 lin = getattr(parent, name)
-                setattr(parent, name, Int8Linear.from_weight(lin.weight.data, lin.bias.data, mode))
+                setattr(parent, name, Int8Linear.from_weight(lin.weight.data, lin.bias.data, quant))
         for idx in (0, 2):
             lin = block.ffn[idx]
-            block.ffn[idx] = Int8Linear.from_weight(lin.weight.data, lin.bias.data, mode)
+            block.ffn[idx] = Int8Linear.from_weight(lin.weight.data, lin.bias.data, quant)
 
 
 def random_dit(
     config: DiTConfig,
     *,
     dtype: torch.dtype = torch.bfloat16,
-    int8_mode: str | None = None,
+    quant: str | None = None,
     attention: str = "sla",
     sla_topk: float = 0.1,
     device="cpu",
     seed: int = 0,
-    std: float = 0.02,
 ) -> WanI2VDiT:
-    """An expert with random weights (for the demo, benchmarks and tests; not a model that makes videos).
+    """An expert with seeded random weights (`turbowan.models.random_weights`) for the demo, benchmarks and tests.
 
-    Linear weights ~ N(0, std^2) (int8 layers: uniform int8 with a matching tile scale), norms at 1,
-    modulations small, so activations stay finite through any depth.
+    ``quant`` quantizes the block linears as a bf16 file run int8 is quantized at load (``None``: float weights).
     """
-    g = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
-        model = WanI2VDiT(config, int8_mode, with_proj_l=attention != "original")
-    sd = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.dtype == torch.int8:
-            v = torch.randint(-127, 128, t.shape, dtype=torch.int8, device=device, generator=g)
-        elif name.endswith(".scale"):
-            v = torch.full(t.shape, std * 3 ** 0.5 / 127, dtype=torch.float32, device=device)
-        elif any(s in name for s in (".norm_q.", ".norm_k.", ".norm3.weight")):
-            v = torch.ones(t.shape, dtype=torch.float32, device=device)
-        elif name.endswith(".norm3.bias"):
-            v = torch.zeros(t.shape, dtype=torch.float32, device=device)
-        elif name.endswith("bias"):
-            v = torch.zeros(t.shape, dtype=dtype, device=device)
-        else:
-            v = (torch.randn(t.shape, device=device, generator=g) * std).to(dtype)
-        sd[name] = v
-    model.load_state_dict(sd, strict=True, assign=True)
+        model = WanI2VDiT(config, None, with_proj_l=attention != "original")
+    model.load_state_dict(random_parameters(model, generator, lambda name: parameter_dtype(name, dtype)),
+                          strict=True, assign=True)
+    if quant is not None:
+        _quantize_block_linears(model, quant)
     model.dtype = dtype
     model.source = f"random(seed={seed})"
     model.set_attention(attention, sla_topk)

@@ -73,12 +73,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TEXT_LEN = 512  # tokens per prompt, padding included (the DiT's text_len)
+from ..options import TEXT_LEN, TEXT_WIDTH
+
 PAD_ID = 0
 EOS_ID = 1
 MAX_DISTANCE = 128  # relative distances >= this share the last bucket
 NORM_EPS = 1e-6
-UMT5_XXL_DIM = 4096  # the width Wan's text_embedding consumes
 
 PathLike = Union[str, Path]
 
@@ -691,7 +691,7 @@ def _default_tokenizer_file(checkpoint: Path) -> Optional[Path]:
 
 def load_text_encoder(path: PathLike, tokenizer: Union[PathLike, UMT5Tokenizer, None] = None,
                       device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.bfloat16,
-                      *, expected_dim: Optional[int] = UMT5_XXL_DIM) -> UMT5TextEncoder:
+                      *, expected_dim: Optional[int] = TEXT_WIDTH) -> UMT5TextEncoder:
     """Load a umT5-xxl encoder checkpoint (either layout, see the module docstring).
 
     tokenizer: a ``spiece.model`` / ``tokenizer.json`` path (or folder) or a UMT5Tokenizer; by

@@ -1,6 +1,6 @@
 """The single attention dispatch used by the DiT.
 
-Kinds (the loader's ``attention_type``):
+Kinds (`turbowan.options.ATTENTION_KINDS`; the loader's ``attention``, the node's ``attention_type``):
   * ``"original"`` - dense scaled-dot-product attention (cuDNN / flash on GPU when available).
   * ``"sla"``      - sparse-linear attention with the reference semantics (`turbowan.ops.sla`); on CUDA the
                      Triton kernel runs it, elsewhere the pure-PyTorch implementation.
@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import sagesla_dispatch, sla_dispatch
+from ..options import ATTENTION_KINDS
 from .spargeattn import SPARGEATTN_MISSING, spargeattn_dispatch
 
 log = logging.getLogger("turbowan")
-
-ATTENTION_KINDS = ("sla", "sagesla", "sagesla_spargeattn", "original")
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,26 +71,26 @@ def self_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kind: str,
+    attention: str,
     proj_l: torch.nn.Linear | None = None,
     topk: float = 0.1,
 ) -> torch.Tensor:
     """Self-attention of one DiT block through the configured kind. [B, L, H, D] in and out."""
-    if kind == "original":
+    if attention == "original":
         return dense_attention(q, k, v)
-    if kind not in ATTENTION_KINDS:
-        raise ValueError(f"unknown attention type {kind!r}; choose one of {ATTENTION_KINDS}")
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"unknown attention type {attention!r}; choose one of {ATTENTION_KINDS}")
     if proj_l is None:
-        raise ValueError(f"attention_type {kind!r} needs the SLA proj_l weights, which this model does not have")
+        raise ValueError(f"attention_type {attention!r} needs the SLA proj_l weights, which this model does not have")
     w, b = proj_l.weight, proj_l.bias
-    if kind == "sagesla_spargeattn":  # asked for by name: no silent substitute
+    if attention == "sagesla_spargeattn":  # asked for by name: no silent substitute
         fast = spargeattn_dispatch() if q.is_cuda else None
         if fast is None:
             raise RuntimeError(SPARGEATTN_MISSING)
         return fast(q, k, v, w, b, topk)
     d = q.shape[-1]
     if q.is_cuda and d >= 16 and d & (d - 1) == 0:  # the Triton kernels take power-of-two head dims
-        if kind == "sagesla":
+        if attention == "sagesla":
             fast = sagesla_dispatch()
             if fast is not None and q.dtype in (torch.bfloat16, torch.float16) and _has_int8_cores(q.device):
                 return fast(q, k, v, w, b, topk)
@@ -100,7 +99,7 @@ def self_attention(
         fast = sla_dispatch()
         if fast is not None:
             return fast(q, k, v, w, b, topk)
-    elif kind == "sagesla":
+    elif attention == "sagesla":
         _notice_once("turbowan: sagesla needs a CUDA GPU; running the equivalent sla path on CPU")
     from .sla import sla_attention
 

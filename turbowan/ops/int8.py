@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..options import QUANT_MODES
+
 TILE = 128
 
 
@@ -89,20 +91,17 @@ def w8a8_linear_reference(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Ten
 class Int8Linear(nn.Module):
     """A Linear whose weight is stored int8 with 128x128 tile scales (the `-quant.pth` layout).
 
-    ``mode`` is ``"w8a16"`` (dequantize to the activation dtype, then matmul) or ``"w8a8"`` (int8 x int8 with
-    the reference's numerics). ``cache_dequantized`` keeps the dequantized weight after the first call (fast,
-    twice the memory of int8), which the execution modes switch on when memory allows.
+    ``quant`` is ``"w8a16"`` (dequantize to the activation dtype, then matmul) or ``"w8a8"`` (int8 x int8 with
+    the reference's numerics).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a16"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, quant: str = "w8a16"):
         super().__init__()
-        if mode not in ("w8a16", "w8a8"):
-            raise ValueError(f"int8 mode must be 'w8a16' or 'w8a8', got {mode!r}")
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
         self.in_features = in_features
         self.out_features = out_features
-        self.mode = mode
-        self.cache_dequantized = False
-        self._dequantized: torch.Tensor | None = None
+        self.quant = quant
         self.register_buffer("int8_weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer(
             "scale", torch.empty(math.ceil(out_features / TILE), math.ceil(in_features / TILE), dtype=torch.float32)
@@ -113,9 +112,9 @@ class Int8Linear(nn.Module):
             self.bias = None
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> "Int8Linear":
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, quant: str) -> "Int8Linear":
         """Quantize a float weight [N, K] with the reference's rule (used for bf16 files run as w8a8)."""
-        layer = cls(weight.shape[1], weight.shape[0], bias is not None, mode)
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, quant)
         q, s = quantize_int8_blockwise(weight)
         layer.int8_weight = q
         layer.scale = s
@@ -124,24 +123,15 @@ class Int8Linear(nn.Module):
         return layer
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
-
-    def _apply(self, fn, recurse=True):
-        self._dequantized = None  # device/dtype moves invalidate the cached float weight
-        return super()._apply(fn, recurse)
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant}"
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self._dequantized
-        if w is None or w.dtype != dtype:
-            fast = None
-            if self.int8_weight.is_cuda:
-                from ..kernels import dequant_dispatch
+        fast = None
+        if self.int8_weight.is_cuda:
+            from ..kernels import dequant_dispatch
 
-                fast = dequant_dispatch()  # one Triton pass instead of ~6 PyTorch ops over the weight
-            w = (fast or dequantize_int8_blockwise)(self.int8_weight, self.scale, dtype)
-            if self.cache_dequantized:
-                self._dequantized = w
-        return w
+            fast = dequant_dispatch()  # one Triton pass instead of ~6 PyTorch ops over the weight
+        return (fast or dequantize_int8_blockwise)(self.int8_weight, self.scale, dtype)
 
     def forward_quantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, lead: tuple, dtype: torch.dtype) -> torch.Tensor:
         """W8A8 on CUDA for an input already quantized by `shared_int8_input`: -> [*lead, N]."""
@@ -151,7 +141,7 @@ class Int8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "w8a8":
+        if self.quant == "w8a8":
             if x.is_cuda:
                 from ..kernels import int8_dispatch
 
@@ -164,7 +154,7 @@ class Int8Linear(nn.Module):
 
 
 def _runs_triton_w8a8(x: torch.Tensor, *layers) -> bool:
-    if not (x.is_cuda and all(isinstance(m, Int8Linear) and m.mode == "w8a8" for m in layers)):
+    if not (x.is_cuda and all(isinstance(m, Int8Linear) and m.quant == "w8a8" for m in layers)):
         return False
     from ..kernels import int8_dispatch
 

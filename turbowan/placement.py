@@ -19,14 +19,11 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
+from .devices import free_cuda_bytes
+
 log = logging.getLogger("turbowan")
 
 EXECUTION_MODES = ("auto", "resident", "swap", "stream")
-
-
-def default_device() -> torch.device:
-    """The compute device when none is given: the first CUDA GPU, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def module_tensors(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -150,12 +147,6 @@ def _should_pin(nbytes: int) -> bool:
     """Pin host copies only when there is plenty of RAM: pinned pages cannot be swapped out."""
     ram = _host_ram_bytes()
     return torch.cuda.is_available() and ram is not None and nbytes < 0.35 * ram
-
-
-def free_cuda_bytes(device: torch.device) -> int:
-    """Free memory on a CUDA device, counting what PyTorch holds in its cache but does not use."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 FFN_CHUNK_TOKENS = 16384

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .checkpoint import ModelFile, ModelFileError, identify, read_dit_checkpoint, strip_prefixes
 from .devices import pick_device
 from .model_files import MODEL_SLOTS, SLOTS_BY_KEY, expert_role_from_name, find_model_files
+from .models.tokenizer import TOKENIZER_NEIGHBOURS
 
 GB = 1e9
 
@@ -424,8 +425,7 @@ def _inspect_text_encoder(path: Path, sd: dict, kind: str, what: str, label: str
               for k, t in sd.items())
     if "spiece_model" in sd:
         tok = "tokenizer embedded"
-    elif any((path.parent / n).is_file() for n in ("spiece.model", "tokenizer.json", "google/umt5-xxl/spiece.model",
-                                                    "google/umt5-xxl/tokenizer.json")):
+    elif any((path.parent / n).is_file() for n in TOKENIZER_NEIGHBOURS):
         tok = "tokenizer found beside it"
     else:
         tok = "no tokenizer inside: pass --tokenizer spiece.model (or tokenizer.json)"

@@ -56,7 +56,8 @@ def _imports(path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             out.add(base)
             # `from package import submodule` imports the submodule too
             out.update(f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}"))

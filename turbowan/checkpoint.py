@@ -184,7 +184,8 @@ def identify(sd: dict[str, torch.Tensor]) -> tuple[str, str]:
         return "dit", f"a Wan-style DiT (diffusion model) with {in_ch} input channels"
     if any(k.startswith(("token_embedding.", "shared.", "encoder.block.", "encoder.embed_tokens")) for k in keys):
         return "text_encoder", "a text encoder (T5/umT5)"
-    if re.search(r"^(text_model|vision_model|visual)\.|text_projection|(^|\.)transformer\.resblocks\.", joined, re.M):
+    clip_keys = r"^(text_model|vision_model|visual)\.|text_projection|(^|\.)transformer\.resblocks\."
+    if re.search(clip_keys, joined, re.M):
         return "clip", "a CLIP model"
     if re.search(r"(^|\.)model\.layers\.\d+\.", joined, re.M):
         return "llm", "an LLM text encoder (e.g. Qwen/Llama)"

@@ -16,16 +16,9 @@ from safetensors.torch import load_file, save_file
 
 import turbowan.text_cache as text_cache
 from helpers import fixtures_dir, max_abs, rel_err
-from turbowan.models.umt5 import (
-    EOS_ID,
-    PAD_ID,
-    TEXT_LEN,
-    TextEncoderFileError,
-    UMT5Tokenizer,
-    clean_prompt,
-    load_text_encoder,
-    relative_position_buckets,
-)
+from turbowan.checkpoint import ModelFileError
+from turbowan.models.tokenizer import EOS_ID, PAD_ID, TEXT_LEN, UMT5Tokenizer, clean_prompt
+from turbowan.models.umt5 import load_text_encoder, relative_position_buckets
 
 # The fixture model is 64 wide; the width check (4096 for Wan) is exercised in its own test.
 TINY = dict(expected_dim=None)
@@ -251,7 +244,7 @@ def test_unsupported_quantization_format_is_refused(wan_state, tmp_path):
     sd["encoder.block.0.layer.0.SelfAttention.q.comfy_quant"] = torch.tensor(
         list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
     save_file(sd, str(tmp_path / "q.safetensors"))
-    with pytest.raises(TextEncoderFileError, match="nvfp4"):
+    with pytest.raises(ModelFileError, match="nvfp4"):
         load_text_encoder(tmp_path / "q.safetensors", **TINY)
 
 
@@ -587,6 +580,6 @@ def test_wrong_file_is_refused_with_what_it_looks_like(kind, expected, wan_state
             comfy_file(wan_state, path, "scale_weight")
         else:
             path.write_bytes(b"hello world, not weights")
-    with pytest.raises(TextEncoderFileError, match=expected) as err:
+    with pytest.raises(ModelFileError, match=expected) as err:
         load_text_encoder(path)  # default expected_dim: Wan's 4096
     assert "umT5-xxl" in str(err.value)

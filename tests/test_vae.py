@@ -23,6 +23,7 @@ from turbowan.models.vae import (
     load_vae,
     vae_from_state_dict,
 )
+from turbowan.vae_tiling import auto_tile, tile_for_budget
 
 TINY_VAE = "vae/Wan2.1_VAE-tiny.pth"
 
@@ -290,16 +291,16 @@ def test_tiled_decode_is_close_to_untiled(vae_fp32):
 
 
 def test_auto_tile_never_tiles_on_cpu(vae_fp32, decoded_fp32, io):
-    assert vae_fp32.auto_tile("decode", (8, 8)) is None
-    assert torch.equal(vae_fp32.decode(io["latent_in"].float(), tile="auto"), decoded_fp32)
+    assert auto_tile(vae_fp32, "decode", (8, 8)) is None
+    assert torch.equal(vae_fp32.decode(io["latent_in"].float(), tile=auto_tile(vae_fp32, "decode", (8, 8))), decoded_fp32)
 
 
 def test_tile_for_budget_picks_the_largest_fitting_tile(vae_bf16):
     grid = (90, 160)  # 720p
-    whole = vae_bf16.tile_for_budget("decode", grid, budget=1e15, frames=81)
+    whole = tile_for_budget(vae_bf16, "decode", grid, budget=1e15, frames=81)
     assert whole is None
     budget = 60e6  # fits a ~36x36 tile of the width-4 fixture model, well inside [16, 90)
-    tile = vae_bf16.tile_for_budget("decode", grid, budget=budget, frames=1)
+    tile = tile_for_budget(vae_bf16, "decode", grid, budget=budget, frames=1)
     assert tile is not None and tile[0] == tile[1]
     assert vae_bf16.memory_needed("decode", grid, tile, frames=1) <= budget
     bigger = (tile[0] + 4, tile[1] + 4)

@@ -1,8 +1,10 @@
-"""The one checkpoint reader: opens .pth / .safetensors files without unpickling code or doubling RAM.
+"""The one model-file reader: opens .pth / .safetensors files without unpickling code or doubling RAM.
 
-`read_state_dict` loads tensors (``torch.load(weights_only=True, mmap=True)`` or safetensors' lazy reader);
-`describe_state_dict` says in words what a state dict looks like, so that every loader can refuse a file of
-the wrong kind with one sentence; `read_dit_checkpoint` reads a Wan2.2 I2V expert and infers its config.
+`ModelFile` gives lazy access to a file's tensors (safetensors' ``safe_open``, ``torch.load(weights_only=True,
+mmap=True)``) and turns every read failure into one `ModelFileError` sentence; `read_state_dict` loads them all.
+`identify` / `describe` say what a state dict looks like, so that every loader (DiT, VAE, umT5, embeddings) and
+the doctor refuse a file of the wrong kind alike; `read_dit_checkpoint` reads a Wan2.2 I2V expert and infers
+its config.
 """
 
 from __future__ import annotations
@@ -22,44 +24,114 @@ class ModelFileError(ValueError):
     """A model file that cannot be used where it was given; the message says why and what to do."""
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a .pth / .pt / .ckpt / .safetensors file, on CPU, memory-mapped where the format allows."""
-    path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise ModelFileError(f"model file {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+class MissingModelFileError(ModelFileError, FileNotFoundError):
+    """A model file path that does not exist (also a FileNotFoundError, for callers that catch that)."""
 
-            sd = load_file(str(path), device="cpu")  # lazy mmap reads; no pickle
-        else:
-            try:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                # legacy (non-zip) torch.save format cannot be memory-mapped
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except ModelFileError:
-        raise
-    except Exception as exc:
+
+# safetensors dtype names -> torch dtypes, for tensor shapes read from the header alone
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class ModelFile:
+    """Lazy read access to the tensors of one .safetensors / .pth / .pt / .ckpt file, never unpickling code.
+
+    The format is recognised from the first bytes, not the extension. safetensors files are opened with
+    ``safe_open`` (names and shapes from the header; each tensor read when asked for); torch files are
+    ``torch.load(weights_only=True, mmap=True)``-ed (legacy non-zip files, which cannot be memory-mapped, are
+    read whole). `expects` names what the caller's slot wants, for the error messages.
+    """
+
+    def __init__(self, path: str | os.PathLike, expects: str = "a model file"):
+        self.path = Path(path).expanduser()
+        self.expects = expects
+        name = self.path.name
+        if not self.path.is_file():
+            raise MissingModelFileError(f"model file {str(self.path)!r} does not exist; {expects} is expected there")
+        with open(self.path, "rb") as f:
+            head = f.read(16)
+        self._safetensors = None
+        self._tensors: dict[str, torch.Tensor] = {}
+        try:
+            if head[:4] == b"GGUF":
+                raise ModelFileError(f"{name} is a GGUF file, which this loader does not read; {expects} in "
+                                     ".safetensors or .pth form is expected")
+            if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header size, then JSON
+                from safetensors import safe_open
+
+                self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
+                self.names = list(self._safetensors.keys())
+            elif head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save zip archive, or its legacy pickle format
+                self._tensors = self._torch_load()
+                self.names = list(self._tensors)
+            else:
+                raise ModelFileError(f"{name} is neither a .safetensors nor a PyTorch checkpoint; {expects} is "
+                                     "expected")
+        except ModelFileError:
+            raise
+        except OSError:
+            raise  # unreadable (permissions, I/O): not a statement about the file's content
+        except Exception as exc:  # the readers raise many exception types for a damaged file
+            raise self._unreadable(exc) from None
+
+    def _torch_load(self) -> dict[str, torch.Tensor]:
+        try:
+            sd = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            sd = torch.load(str(self.path), map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]  # training-style {"state_dict": {...}} wrapper
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ModelFileError(f"{self.path.name} is not a plain state dict of tensors; {self.expects} is expected")
+        return sd
+
+    def _unreadable(self, exc: Exception) -> ModelFileError:
+        name, text = self.path.name, str(exc)
+        if "weights_only" in text or "weights only" in text.lower() or "Unsupported global" in text:
+            return ModelFileError(f"{name} contains pickled Python objects besides tensors; refusing to execute code "
+                                  f"from a model file ({self.expects} as a plain state-dict .pth or a .safetensors "
+                                  "file is expected)")
         if isinstance(exc, (zipfile.BadZipFile, EOFError)) or _looks_truncated(exc):
-            raise ModelFileError(
-                f"{name} looks truncated or corrupt ({path.stat().st_size:,} bytes could not be read as a model); "
-                "download it again"
-            ) from None
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise ModelFileError(
-                f"{name} contains pickled Python objects besides tensors; refusing to execute code from a model file "
-                "(use a plain state-dict .pth or a .safetensors file)"
-            ) from None
-        raise ModelFileError(f"{name} could not be read as a model file ({type(exc).__name__}: {exc})") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]  # training-style {"state_dict": {...}} wrapper
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ModelFileError(f"{name} is not a state dict of tensors")
-    return sd
+            return ModelFileError(f"{name} looks truncated or corrupt; re-download it (its "
+                                  f"{self.path.stat().st_size:,} bytes do not read as {self.expects}, so download "
+                                  "it again)")
+        return ModelFileError(f"{name} could not be read as {self.expects} ({type(exc).__name__}: {exc})")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._safetensors is None:
+            return tuple(self._tensors[name].shape)
+        return tuple(self._safetensors.get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name] if self._safetensors is None else self._safetensors.get_tensor(name)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a meta tensor (name, shape, dtype) without reading any data."""
+        if self._safetensors is None:
+            return {k: v.to("meta") for k, v in self._tensors.items()}
+        out = {}
+        for k in self.names:
+            part = self._safetensors.get_slice(k)
+            dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8)  # unknown one-byte formats as uint8
+            out[k] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All tensors, on CPU (memory-mapped .pth; safetensors read tensor by tensor)."""
+        if self._safetensors is None:
+            return dict(self._tensors)
+        try:
+            return {k: self._safetensors.get_tensor(k) for k in self.names}
+        except Exception as exc:
+            raise self._unreadable(exc) from None
+
+
+def read_state_dict(path: str | os.PathLike, expects: str = "a model file") -> dict[str, torch.Tensor]:
+    """All tensors of a .pth / .pt / .ckpt / .safetensors file, on CPU, memory-mapped where the format allows."""
+    return ModelFile(path, expects).state_dict()
 
 
 def _looks_truncated(exc: Exception) -> bool:
@@ -68,7 +140,7 @@ def _looks_truncated(exc: Exception) -> bool:
         s in text
         for s in ("failed finding central directory", "unexpected eof", "incomplete", "invalid header",
                   "header too large", "file too small", "pytorchstreamreader failed", "end of file", "truncated",
-                  "metadataincompletebuffer", "invalid load key")
+                  "metadataincompletebuffer", "invalid load key", "not fully covered")
     )
 
 
@@ -87,35 +159,55 @@ def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def describe_state_dict(sd: dict[str, torch.Tensor]) -> str:
-    """A short phrase naming what kind of model a (prefix-stripped) state dict holds."""
-    keys = sd.keys()
+_WAN_VAE_KEY = "decoder.middle.0.residual.0.gamma"
+
+
+def identify(sd: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """(kind, words) for a (prefix-stripped) state dict; meta tensors will do.
+
+    kind is one of "wan22_i2v_dit", "dit", "wan21_vae", "vae", "text_encoder", "clip", "llm", "unet", "unknown";
+    words is a short phrase ("a video VAE (latent channels 16)") for "<file> looks like <words>" messages.
+    """
+    keys = list(sd)
+    joined = "\n".join(keys)
     if "patch_embedding.weight" in sd:
         w = sd["patch_embedding.weight"]
         dim = w.shape[0]
         in_ch = w.shape[1] if w.ndim == 5 else w.shape[1] // 4
-        if any("img_emb" in k or "k_img" in k for k in keys):
-            return f"a Wan2.1 image-to-video DiT (dim {dim}, with a CLIP image branch)"
+        if "img_emb" in joined or "k_img" in joined:
+            return "dit", f"a Wan2.1 image-to-video DiT (diffusion model, dim {dim}, with a CLIP image branch)"
         if in_ch == 16:
             size = {1536: "1.3B", 5120: "14B / A14B"}.get(dim, f"dim {dim}")
-            return f"a Wan text-to-video DiT ({size}, 16 input channels)"
+            return "dit", f"a Wan text-to-video DiT (diffusion model, {size}, 16 input channels)"
         if in_ch == 48:
-            return f"a Wan2.2 TI2V-5B DiT (dim {dim}, 48 input channels)"
+            return "dit", f"a Wan2.2 TI2V-5B DiT (diffusion model, dim {dim}, 48 input channels)"
         if in_ch == 36:
-            return f"a Wan2.2 image-to-video DiT (dim {dim}, 36 input channels)"
-        return f"a Wan-style DiT with {in_ch} input channels"
-    if any(k.startswith(("encoder.", "decoder.")) for k in keys) and any("conv1" in k for k in keys):
-        z = sd.get("conv1.weight")
-        z_dim = z.shape[0] // 2 if z is not None else "?"
-        return f"a video VAE (latent channels {z_dim})"
+            return "wan22_i2v_dit", f"a Wan2.2 image-to-video DiT (diffusion model, dim {dim}, 36 input channels)"
+        return "dit", f"a Wan-style DiT (diffusion model) with {in_ch} input channels"
     if any(k.startswith(("token_embedding.", "shared.", "encoder.block.", "encoder.embed_tokens")) for k in keys):
-        return "a text encoder (T5/umT5)"
-    if any(k.startswith(("text_model.", "vision_model.", "visual.", "transformer.resblocks")) for k in keys):
-        return "a CLIP model"
-    if any(k.startswith("model.diffusion_model.input_blocks") or k.startswith("input_blocks.") for k in keys):
-        return "a Stable Diffusion UNet"
-    sample = ", ".join(list(keys)[:3])
-    return f"an unrecognised model ({len(sd)} tensors, e.g. {sample})"
+        return "text_encoder", "a text encoder (T5/umT5)"
+    clip_keys = r"^(text_model|vision_model|visual)\.|text_projection|(^|\.)transformer\.resblocks\."
+    if re.search(clip_keys, joined, re.M):
+        return "clip", "a CLIP model"
+    if re.search(r"(^|\.)model\.layers\.\d+\.", joined, re.M):
+        return "llm", "an LLM text encoder (e.g. Qwen/Llama)"
+    if re.search(r"self_attn\.|cross_attn\.|time_embedding|head\.modulation", joined):  # after CLIP/LLM
+        return "dit", "a diffusion model (DiT) checkpoint"
+    if _WAN_VAE_KEY in sd:
+        z = sd["conv2.weight"].shape[0] if "conv2.weight" in sd else "?"
+        if z == 48 or "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd:
+            return "vae", "a Wan2.2 VAE (48 latent channels, used by the TI2V-5B model)"
+        return "wan21_vae", f"a video VAE (latent channels {z})"
+    if re.search(r"^(encoder|decoder)\.|first_stage_model|post_quant_conv", joined, re.M):
+        return "vae", "an image VAE or a diffusers-format VAE"
+    if re.search(r"^(model\.diffusion_model\.)?input_blocks\.", joined, re.M):
+        return "unet", "a Stable Diffusion UNet"
+    return "unknown", f"an unrecognised model ({len(sd)} tensors, e.g. {', '.join(keys[:3])})"
+
+
+def describe(sd: dict[str, torch.Tensor]) -> str:
+    """A short phrase naming what kind of model a (prefix-stripped) state dict holds."""
+    return identify(sd)[1]
 
 
 @dataclass(frozen=True)
@@ -154,10 +246,10 @@ _BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
 def read_dit_checkpoint(path: str | os.PathLike, slot: str = "Wan2.2 I2V expert") -> DiTCheckpoint:
     """Read a TurboWan2.2 I2V expert (released .pth, -quant.pth, or .safetensors of either) and infer its config."""
     name = Path(path).name
-    sd = strip_prefixes(read_state_dict(path))
-    what = describe_state_dict(sd)
     expected = "a TurboWan2.2-I2V-A14B high- or low-noise expert (e.g. TurboWan2.2-I2V-A14B-high-720P-quant.pth)"
-    if "patch_embedding.weight" not in sd or not what.startswith("a Wan2.2 image-to-video DiT"):
+    sd = strip_prefixes(read_state_dict(path, expected))
+    kind, what = identify(sd)
+    if kind != "wan22_i2v_dit":
         raise ModelFileError(f"{name} looks like {what}, but the {slot} slot expects {expected}")
 
     # Renames into our module's names: SLA's projection sits directly on the self-attention.

@@ -13,113 +13,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fnmatch
 import logging
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .options import (ASPECT_RATIOS, ATTENTION_KINDS, EXECUTION_MODES, QUANT_MODES, RESOLUTIONS, VIDEO_FORMATS,
                       latent_tokens)
+from .model_files import MODEL_SLOTS, SLOTS_BY_KEY, find_model_files, missing_slot_error, resolve_model_files
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
-
-
-# -- model files ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSlot:
-    """One model file the pipeline needs, and how to recognise it in a ComfyUI models folder."""
-
-    key: str  # "high", "low", "vae", "text_encoder"
-    option: str  # command-line option that sets it
-    what: str  # words for messages
-    folders: tuple[str, ...]  # ComfyUI sub-folders searched (then the models folder itself, flat)
-    names: tuple[str, ...]  # usual file names, preferred first
-    patterns: tuple[str, ...]  # case-insensitive globs for renamed copies (e.g. the tiny test models)
-    download: str
-
-
-_TURBOWAN_HF = "https://huggingface.co/TurboDiffusion/TurboWan2.2-I2V-A14B-720P"
-_COMFY_WAN_HF = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged"
-
-MODEL_SLOTS: tuple[ModelSlot, ...] = (
-    ModelSlot("high", "--high", "high-noise expert", ("diffusion_models", "unet"),
-              ("TurboWan2.2-I2V-A14B-high-720P-quant.pth", "TurboWan2.2-I2V-A14B-high-720P.pth"),
-              ("turbowan2.2-i2v*-high*.pth", "turbowan2.2-i2v*-high*.safetensors"), _TURBOWAN_HF),
-    ModelSlot("low", "--low", "low-noise expert", ("diffusion_models", "unet"),
-              ("TurboWan2.2-I2V-A14B-low-720P-quant.pth", "TurboWan2.2-I2V-A14B-low-720P.pth"),
-              ("turbowan2.2-i2v*-low*.pth", "turbowan2.2-i2v*-low*.safetensors"), _TURBOWAN_HF),
-    ModelSlot("vae", "--vae", "Wan2.1 VAE", ("vae",),
-              ("wan_2.1_vae.safetensors", "Wan2.1_VAE.pth"),
-              ("*wan*2.1*vae*.safetensors", "*wan*2.1*vae*.pth"), f"{_COMFY_WAN_HF} (split_files/vae)"),
-    ModelSlot("text_encoder", "--text-encoder", "umT5-xxl text encoder", ("text_encoders", "clip"),
-              ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "nsfw_wan_umt5-xxl_fp8_scaled.safetensors",
-               "models_t5_umt5-xxl-enc-bf16.pth", "umt5_xxl_fp16.safetensors"),
-              ("*umt5*xxl*.safetensors", "*umt5*xxl*.pth"), f"{_COMFY_WAN_HF} (split_files/text_encoders)"),
-)
-SLOTS_BY_KEY = {s.key: s for s in MODEL_SLOTS}
-
-
-def find_model_files(models_dir) -> dict[str, list[Path]]:
-    """Candidate files per slot in a ComfyUI models folder (or a flat folder of checkpoints), preferred first.
-
-    Usual names come before glob matches; among glob matches ``-quant`` files (half the size) come first.
-    """
-    root = Path(models_dir).expanduser()
-    if not root.is_dir():
-        from .checkpoint import ModelFileError
-
-        raise ModelFileError(f"--models-dir {str(root)!r} is not a folder; point it at ComfyUI/models")
-    found: dict[str, list[Path]] = {}
-    for slot in MODEL_SLOTS:
-        seen, out = set(), []
-        for folder in [root / f for f in slot.folders] + [root]:
-            if not folder.is_dir():
-                continue
-            files = sorted(p for p in folder.iterdir() if p.is_file())
-            by_lower = {p.name.lower(): p for p in files}
-            exact = [by_lower[n.lower()] for n in slot.names if n.lower() in by_lower]
-            globbed = [p for p in files if any(fnmatch.fnmatch(p.name.lower(), pat) for pat in slot.patterns)]
-            globbed.sort(key=lambda p: ("quant" not in p.name.lower(), p.name))
-            for p in exact + globbed:
-                if p.resolve() not in seen:
-                    seen.add(p.resolve())
-                    out.append(p)
-        found[slot.key] = out
-    return found
-
-
-def resolve_model_files(args) -> dict[str, Optional[Path]]:
-    """Explicit options win; otherwise the first candidate in --models-dir. The text encoder may be absent."""
-    found = find_model_files(args.models_dir) if args.models_dir else {}
-    files: dict[str, Optional[Path]] = {}
-    for slot in MODEL_SLOTS:
-        given = getattr(args, slot.key)
-        path = Path(given).expanduser() if given else (found.get(slot.key) or [None])[0]
-        if path is not None and not path.is_file():
-            from .checkpoint import ModelFileError
-
-            raise ModelFileError(f"{slot.option} {str(path)!r} does not exist")
-        files[slot.key] = path
-    for slot in MODEL_SLOTS[:3]:
-        if files[slot.key] is None:
-            raise _missing(slot)
-    return files
-
-
-def _missing(slot: ModelSlot) -> Exception:
-    from .checkpoint import ModelFileError
-
-    where = "/".join((slot.folders[0], slot.names[0]))
-    return ModelFileError(
-        f"no {slot.what} given: pass {slot.option} FILE, or --models-dir with {where} in it (download: {slot.download})"
-    )
 
 
 # -- progress ---------------------------------------------------------------------------------------------
@@ -195,26 +101,6 @@ class _TqdmLogHandler(logging.Handler):
 # -- generate ---------------------------------------------------------------------------------------------
 
 
-def pick_device(name: Optional[str]):
-    import torch
-
-    if name is None:
-        from .placement import default_device
-
-        return default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name; use cuda, cuda:1 or cpu") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} asked for CUDA, but torch {torch.__version__} sees no CUDA GPU here; "
-                             "use --device cpu (hours for the 14B models) or run on a GPU machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def load_image(path):
     from PIL import Image, UnidentifiedImageError
 
@@ -272,6 +158,7 @@ def cmd_generate(args, progress: StageProgress) -> int:
     import torch
 
     import turbowan
+    from .devices import pick_device
     from .pipeline import check_num_frames, target_size
 
     # 1. everything that can be refused without loading a model
@@ -286,9 +173,9 @@ def cmd_generate(args, progress: StageProgress) -> int:
         raise ValueError("give --prompt (with a text encoder) or --text-embedding, not both")
     if not args.text_embedding and not args.prompt:
         raise ValueError("give --prompt TEXT (with --text-encoder or --models-dir), or --text-embedding FILE")
-    files = resolve_model_files(args)
+    files = resolve_model_files(args.models_dir, {slot.key: getattr(args, slot.key) for slot in MODEL_SLOTS})
     if args.prompt and files["text_encoder"] is None:
-        raise _missing(SLOTS_BY_KEY["text_encoder"])
+        raise missing_slot_error(SLOTS_BY_KEY["text_encoder"])
     image = load_image(args.image)
     width, height = target_size(image.size, args.resolution, args.aspect_ratio, args.adaptive, args.width, args.height)
     if args.attention != "original":

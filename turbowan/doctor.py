@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import platform
-import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,10 @@ import torch.nn.functional as F
 from .memory import (ALLOCATOR_FACTOR, CONTEXT_SLACK_GB, GB, INT8_EXPERT_GB, PLACED_MODES, estimate_peak_gb,
                      needed_free_gb)
 from .options import RESOLUTIONS, TEXT_WIDTH
-from .pipeline import expert_role_from_name
+from .checkpoint import ModelFile, ModelFileError, identify, read_dit_checkpoint, strip_prefixes
+from .devices import pick_device
+from .model_files import MODEL_SLOTS, SLOTS_BY_KEY, expert_role_from_name, find_model_files
+from .models.tokenizer import TOKENIZER_NEIGHBOURS
 
 # the doctor's table: 81 frames first, then shorter clips; 720p and 480p at 16:9
 PRESETS = tuple((name, *RESOLUTIONS[name]["16:9"]) for name in ("720p", "480p"))
@@ -299,74 +301,29 @@ def check_int8(device: torch.device) -> list[Check]:
 
 # -- model files -------------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def read_safetensors_header(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file as meta tensors (names, shapes, dtypes): reads the header only."""
-    from .checkpoint import ModelFileError
-
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ModelFileError(f"{path.name} is too small for a .safetensors file ({size} bytes); download it again")
-        n = struct.unpack("<Q", raw)[0]
-        if n > min(size - 8, 100 << 20):
-            raise ModelFileError(f"{path.name} has no valid .safetensors header; download it again")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ModelFileError(f"{path.name} has a corrupt .safetensors header; download it again") from None
-    header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise ModelFileError(f"{path.name} is truncated ({size:,} of {8 + n + end:,} bytes); download it again")
-    return {name: torch.empty(v["shape"], dtype=_ST_DTYPES.get(v["dtype"], torch.uint8), device="meta")
-            for name, v in header.items()}
-
-
-def _tensor_names_and_shapes(path: Path) -> dict[str, torch.Tensor]:
-    from .checkpoint import read_state_dict, strip_prefixes
-
-    sd = read_safetensors_header(path) if path.suffix == ".safetensors" else read_state_dict(path)
-    return strip_prefixes(sd)
-
-
 def inspect_model_file(path: Path, slot_key: str) -> Check:
     """Is this file the right kind for its slot? Headers or memory-mapped tensors only."""
-    from .checkpoint import ModelFileError, describe_state_dict
-
     size = path.stat().st_size
     shown = f"{size / GB:.1f} GB" if size >= GB else f"{size / 1e6:.1f} MB"
     label = f"{path.parent.name}/{path.name} ({shown})"
     try:
-        sd = _tensor_names_and_shapes(path)
+        sd = strip_prefixes(ModelFile(path, SLOTS_BY_KEY[slot_key].what).meta())
     except ModelFileError as exc:
         return Check(label, False, str(exc))
-    what = describe_state_dict(sd)
+    kind, what = identify(sd)
     if slot_key in ("high", "low"):
-        return _inspect_dit(path, sd, what, slot_key, label)
+        return _inspect_dit(path, sd, kind, what, slot_key, label)
     if slot_key == "vae":
-        w = sd.get("encoder.conv1.weight")
-        if "decoder.middle.0.residual.0.gamma" in sd and "conv2.weight" in sd and w is not None:
-            z = sd["conv2.weight"].shape[0]
-            if z == 16 and w.shape[1] == 3:
-                size_note = "" if w.shape[0] == 96 else ", not the release size 96"
-                return Check(label, True, f"Wan2.1 VAE (base width {w.shape[0]}{size_note})")
-            if z == 48:
-                return Check(label, False, "the Wan2.2 VAE (TI2V-5B, 48 latent channels); these experts need the "
-                                           "Wan2.1 VAE")
+        w, z = sd.get("encoder.conv1.weight"), sd.get("conv2.weight")
+        if kind == "wan21_vae" and z is not None and z.shape[0] == 16 and w is not None and w.shape[1] == 3:
+            size_note = "" if w.shape[0] == 96 else ", not the release size 96"
+            return Check(label, True, f"Wan2.1 VAE (base width {w.shape[0]}{size_note})")
         return Check(label, False, f"looks like {what}; the VAE slot needs the Wan2.1 VAE")
-    return _inspect_text_encoder(path, sd, what, label)
+    return _inspect_text_encoder(path, sd, kind, what, label)
 
 
-def _inspect_dit(path: Path, sd: dict, what: str, slot_key: str, label: str) -> Check:
-    from .checkpoint import ModelFileError, read_dit_checkpoint
-
-    if not what.startswith("a Wan2.2 image-to-video DiT"):
+def _inspect_dit(path: Path, sd: dict, kind: str, what: str, slot_key: str, label: str) -> Check:
+    if kind != "wan22_i2v_dit":
         return Check(label, False, f"looks like {what}; the {slot_key}-noise slot needs a TurboWan2.2-I2V-A14B expert")
     if path.suffix != ".safetensors":  # memory-mapped: cheap to check every tensor is there
         try:
@@ -386,10 +343,10 @@ def _inspect_dit(path: Path, sd: dict, what: str, slot_key: str, label: str) -> 
     return Check(label, True, detail)
 
 
-def _inspect_text_encoder(path: Path, sd: dict, what: str, label: str) -> Check:
+def _inspect_text_encoder(path: Path, sd: dict, kind: str, what: str, label: str) -> Check:
     embedding_keys = ("token_embedding.weight", "shared.weight", "encoder.embed_tokens.weight")
     emb = next((sd[k] for k in embedding_keys if k in sd), None)
-    if emb is None or not what.startswith("a text encoder"):
+    if emb is None or kind != "text_encoder":
         return Check(label, False, f"looks like {what}; the text-encoder slot needs umT5-xxl")
     vocab, width = emb.shape
     if vocab < 250_000:
@@ -397,13 +354,12 @@ def _inspect_text_encoder(path: Path, sd: dict, what: str, label: str) -> Check:
                                    "Flux's t5xxl has 32,128)")
     if width != TEXT_WIDTH:
         return Check(label, False, f"a umT5 encoder {width} wide; Wan needs the {TEXT_WIDTH}-wide umT5-xxl")
-    # one-byte float weights (the header reader keeps unknown dtypes such as F8_E4M3 as uint8)
+    # one-byte float weights (the reader keeps unknown one-byte dtypes as uint8)
     fp8 = any(t.element_size() == 1 and t.dtype != torch.int8 and k.endswith(".weight") and t.ndim == 2
               for k, t in sd.items())
     if "spiece_model" in sd:
         tok = "tokenizer embedded"
-    elif any((path.parent / n).is_file() for n in ("spiece.model", "tokenizer.json", "google/umt5-xxl/spiece.model",
-                                                    "google/umt5-xxl/tokenizer.json")):
+    elif any((path.parent / n).is_file() for n in TOKENIZER_NEIGHBOURS):
         tok = "tokenizer found beside it"
     else:
         tok = "no tokenizer inside: pass --tokenizer spiece.model (or tokenizer.json)"
@@ -411,8 +367,6 @@ def _inspect_text_encoder(path: Path, sd: dict, what: str, label: str) -> Check:
 
 
 def model_file_lines(models_dir) -> tuple[list[str], list[Check], dict[str, list[Path]]]:
-    from .cli import MODEL_SLOTS, find_model_files
-
     found = find_model_files(models_dir)
     lines, checks = [], []
     for slot in MODEL_SLOTS:
@@ -476,8 +430,6 @@ def memory_lines(device: torch.device, found: dict[str, list[Path]], models_dir)
 
 def run_doctor(models_dir=None, device=None) -> int:
     if device is not None:
-        from .cli import pick_device
-
         dev = pick_device(device)
     else:
         dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

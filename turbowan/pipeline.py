@@ -24,10 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import ModelFile, ModelFileError
+from .devices import default_device
+from .model_files import check_expert_slots
 from .options import ASPECT_RATIOS, RESOLUTIONS, SIZE_MULTIPLE, TEXT_LEN, TEXT_WIDTH, latent_tokens
+from .placement import Placement
 from .progress import ProgressHook
-from .placement import Placement, default_device
 from .sampler import expert_schedule, initial_noise, rcm_timesteps, sample_rcm
+from .vae_tiling import tile_for_run
 
 log = logging.getLogger("turbowan")
 
@@ -148,62 +152,21 @@ def prepare_text_embedding(text_embedding: torch.Tensor) -> torch.Tensor:
 
 def read_text_embedding(path) -> torch.Tensor:
     """A prompt embedding saved as .safetensors -> [1, L, D] (its only tensor, or the one named 'text_embedding')."""
-    from pathlib import Path
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"text embedding file {str(path)!r} does not exist")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path.name} could not be read as a .safetensors file ({exc})") from None
-    if "text_embedding" in tensors:
-        emb = tensors["text_embedding"]
-    elif len(tensors) == 1:
-        emb = next(iter(tensors.values()))
+    expects = f"one prompt's text embedding ([tokens, {TEXT_WIDTH}] under the key 'text_embedding')"
+    file = ModelFile(path, expects)
+    if "text_embedding" in file.names:
+        emb = file.tensor("text_embedding")
+    elif len(file.names) == 1:
+        emb = file.tensor(file.names[0])
     else:
-        raise ValueError(f"{path.name} holds {len(tensors)} tensors ({', '.join(list(tensors)[:4])}) and none is "
-                         "named 'text_embedding'; save the embedding under that key")
+        raise ModelFileError(f"{file.path.name} holds {len(file.names)} tensors ({', '.join(file.names[:4])}) and "
+                             "none is named 'text_embedding'; save the embedding under that key")
     if emb.ndim == 2:
         emb = emb[None]
     if emb.ndim != 3 or emb.shape[0] != 1 or not emb.is_floating_point():
-        raise ValueError(f"{path.name} holds a {tuple(emb.shape)} {emb.dtype} tensor; expected one prompt's float "
-                         f"embedding of shape [tokens, {TEXT_WIDTH}]")
+        raise ModelFileError(f"{file.path.name} holds a {tuple(emb.shape)} {emb.dtype} tensor; expected one prompt's "
+                             f"float embedding of shape [tokens, {TEXT_WIDTH}]")
     return emb
-
-
-STREAM_VAE_BUDGET = 4 * 1024**3  # bytes of VAE activations allowed when the experts are streamed
-
-
-def _vae_tile(vae, stage: str, grid: tuple[int, int], mode: str, device: torch.device, frames: int):
-    """VAE tiling for one stage of this run: none on CPU; 'auto' (from free memory) normally; in ``stream``
-    mode the largest tile that fits STREAM_VAE_BUDGET, so the whole run stays within a small card."""
-    if device.type != "cuda" or not hasattr(vae, "tile_for_budget"):
-        return None
-    if mode != "stream":
-        return "auto"
-    return vae.tile_for_budget(stage, grid, STREAM_VAE_BUDGET, frames=frames)
-
-
-def expert_role_from_name(name: str) -> Optional[str]:
-    """'high' or 'low' when a file name says which expert it is (e.g. ...-high-720P-quant.pth), else None."""
-    name = str(name).replace("\\", "/").rsplit("/", 1)[-1].lower()
-    has_high, has_low = "high" in name, "low" in name
-    return "high" if has_high and not has_low else "low" if has_low and not has_high else None
-
-
-def check_expert_slots(high, low) -> None:
-    """Refuse an obviously swapped pair (file names say high/low) with a one-sentence fix."""
-    def role(m):
-        return expert_role_from_name(getattr(m, "source", ""))
-
-    if role(high) == "low" and role(low) == "high":
-        raise ValueError(
-            "the high- and low-noise experts are swapped (the high slot got a '-low' file); exchange the two files"
-        )
 
 
 def generate_i2v(
@@ -280,7 +243,7 @@ def generate_i2v(
         place.load_vae(vae)
         frames_in = torch.zeros(1, 3, num_frames, h, w, device=device)  # the image, then black frames
         frames_in[:, :, 0] = image_tensor.to(device)
-        tile = _vae_tile(vae, "encode", (lat_h, lat_w), mode, device, num_frames)
+        tile = tile_for_run(vae, "encode", (lat_h, lat_w), mode, device, num_frames)
         latents = vae.encode(frames_in, progress=progress, tile=tile)  # [1, 16, T, h/8, w/8]
         del frames_in
         if mode != "resident":
@@ -317,7 +280,7 @@ def generate_i2v(
         # 3. decode, one sample at a time (same result as a batch, less memory)
         place.load_vae(vae)
         videos = []
-        tile = _vae_tile(vae, "decode", (lat_h, lat_w), mode, device, num_frames)
+        tile = tile_for_run(vae, "decode", (lat_h, lat_w), mode, device, num_frames)
         for i in range(num_samples):
             frames_hook = None if on_frames is None else (lambda start, chunk, i=i: on_frames(i, start, _to_rgb(chunk)[0]))
             video = vae.decode(samples[i : i + 1], progress=progress, tile=tile, on_frames=frames_hook)

@@ -27,17 +27,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from .devices import free_cuda_bytes
 from .memory import ALLOCATOR_FACTOR, FFN_CHUNK_TOKENS, activation_bytes, choose_mode
 from .staging import Upload, staging_ring
 
 log = logging.getLogger("turbowan")
 
 STREAM_PREFETCH_BLOCKS = 2  # blocks copied in ahead of the one computing
-
-
-def default_device() -> torch.device:
-    """The compute device when none is given: the first CUDA GPU, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def module_tensors(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -118,23 +114,6 @@ class BlockStreamer:
         for hw in self.blocks:
             hw.detach()
         self.pending.clear()
-
-
-def free_cuda_bytes(device: torch.device) -> int:
-    """Free memory on a CUDA device for this process: what the driver reports plus what PyTorch caches unused,
-    capped by `torch.cuda.set_per_process_memory_fraction` when one is set."""
-    free, total = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    available = free + torch.cuda.memory_reserved(device) - allocated
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    # a fraction can only have been set once CUDA is initialised (and asking earlier would initialise it)
-    if get_fraction is None or not torch.cuda.is_initialized():
-        fraction = 1.0
-    else:
-        fraction = get_fraction(device.index if device.index is not None else torch.cuda.current_device())
-    if fraction < 1.0:
-        available = min(available, int(fraction * total) - allocated)
-    return max(0, available)
 
 
 # -- residency ------------------------------------------------------------------------------------------------

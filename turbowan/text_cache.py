@@ -26,7 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .models.umt5 import TEXT_LEN, load_text_encoder
+from .models.tokenizer import TEXT_LEN
+from .models.umt5 import load_text_encoder
 
 PathLike = Union[str, Path]
 FORMAT_VERSION = "turbowan-umt5-embedding-v1"  # bump when the stored tensors' meaning changes

@@ -42,29 +42,14 @@ Checkpoints accepted (the layout is recognised from the tensor names, not the fi
   files, marked by ``<layer>.comfy_quant``); ``scale_input`` / ``input_scale`` only matter to fp8
   matmuls and are ignored. The embedded ``spiece_model`` (uint8) is the SentencePiece tokenizer.
 
-Tokenizer and prompt cleaning: the reference tokenizes with the Hugging Face umT5 tokenizer after
-``whitespace_clean(basic_clean(text))`` (ftfy.fix_text, html.unescape twice, strip, collapse
-whitespace), appends ``</s>`` (id 1), pads with 0 to 512 and truncates to 511 pieces + ``</s>``.
-We run SentencePiece itself (ComfyUI does the same with the embedded model; a ``tokenizer.json``
-is converted to the equivalent SentencePiece model: pieces, scores, NFKC charsmap, byte fallback;
-the two agree on prompts without special-token text) and re-state the parts
-of ftfy that change a prompt typed by a person: ANSI escapes and invisible control characters
-removed, C1 controls read as Windows-1252, curly quotes straightened, HTML entities decoded to a
-fixed point when the prompt has no ``<``; NFKC, ligature and width folding are done by the
-tokenizer's own normalizer. Not re-stated: ftfy's mojibake repair (text that was decoded with the
-wrong codec, e.g. ``"cafÃ©"``, stays as it is), and literal special-token text such as ``</s>``
-inside a prompt is tokenized as characters, not as the special token.
+The tokenizer and prompt cleaning live in `turbowan.models.tokenizer`.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
-import os
 import re
-import struct
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -73,18 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..options import TEXT_LEN, TEXT_WIDTH
+from ..options import TEXT_WIDTH
+from ..checkpoint import ModelFile, ModelFileError, describe, strip_prefixes
+from .tokenizer import EOS_ID, PAD_ID, TEXT_LEN, PathLike, UMT5Tokenizer, default_tokenizer_file
 
-PAD_ID = 0
-EOS_ID = 1
 MAX_DISTANCE = 128  # relative distances >= this share the last bucket
 NORM_EPS = 1e-6
-
-PathLike = Union[str, Path]
-
-
-class TextEncoderFileError(ValueError):
-    """A checkpoint that is not a usable umT5-xxl encoder (the message says what it looks like)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,238 +262,12 @@ class UMT5TextEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-
-_ANSI_ESCAPE = re.compile("\x1b\\[((?:\\d|;)*)([a-zA-Z])")
-_CONTROL_CHARS = dict.fromkeys(
-    [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
-     *range(0xFFF9, 0xFFFD)])
-_C1_CONTROL = re.compile("[\x80-\x9f]")
-_CURLY_SINGLE = re.compile("[\u02bc\u2018-\u201b]")
-_CURLY_DOUBLE = re.compile("[\u201c-\u201f]")
-_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
-_WHITESPACE = re.compile(r"\s+")
-
-
-def _c1_as_cp1252(match: re.Match) -> str:
-    try:
-        return bytes([ord(match.group(0))]).decode("cp1252")
-    except UnicodeDecodeError:  # the five bytes cp1252 leaves undefined stay as they are
-        return match.group(0)
-
-
-def _unescape_strict(text: str) -> str:
-    """Decode only complete ``&name;`` / ``&#n;`` entities (ftfy's cautious pass)."""
-    return _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
-
-
-def clean_prompt(text: str) -> str:
-    """The reference's ``whitespace_clean(basic_clean(text))`` without ftfy (module docstring)."""
-    if "<" not in text:  # ftfy leaves entities alone in text that may be markup
-        while True:
-            decoded = _unescape_strict(text)
-            if decoded == text:
-                break
-            text = decoded
-    text = _C1_CONTROL.sub(_c1_as_cp1252, text)
-    text = _CURLY_SINGLE.sub("'", _CURLY_DOUBLE.sub('"', text))
-    text = _ANSI_ESCAPE.sub("", text)
-    text = text.translate(_CONTROL_CHARS)
-    text = unicodedata.normalize("NFC", text)
-    text = html.unescape(html.unescape(text)).strip()
-    return _WHITESPACE.sub(" ", text).strip()
-
-
-class UMT5Tokenizer:
-    """SentencePiece umT5 tokenizer: prompts -> (ids, mask) [B, 512] int64, ``</s>`` last, pad 0."""
-
-    def __init__(self, model_proto: bytes, source: str = "tokenizer"):
-        import sentencepiece  # lazily: only prompts need it
-
-        try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
-        except Exception as err:  # sentencepiece raises RuntimeError / OSError with C++ text
-            raise ValueError(f"{source} is not a valid SentencePiece model ({err}); point "
-                             f"tokenizer= at the spiece.model of google/umt5-xxl.") from None
-        if self.sp.id_to_piece(PAD_ID) != "<pad>" or self.sp.id_to_piece(EOS_ID) != "</s>":
-            raise ValueError(f"{source} does not use umT5's special ids (<pad>=0, </s>=1); point "
-                             f"tokenizer= at the spiece.model of google/umt5-xxl.")
-
-    @classmethod
-    def from_file(cls, path: PathLike) -> "UMT5Tokenizer":
-        """``spiece.model``, a Hugging Face ``tokenizer.json``, or a folder holding either."""
-        path = Path(path).expanduser()
-        if path.is_dir():
-            found = _find_tokenizer_file(path, ("spiece.model", "tokenizer.json"))
-            if found is None:
-                raise ValueError(f"{path} holds neither spiece.model nor tokenizer.json; point "
-                                 f"tokenizer= at the umT5 tokenizer file itself.")
-            path = found
-        if not path.is_file():
-            raise ValueError(f"tokenizer file {path} does not exist; point tokenizer= at the "
-                             f"spiece.model or tokenizer.json of google/umt5-xxl.")
-        if path.suffix == ".json":
-            with open(path, encoding="utf-8") as f:
-                return cls(spm_proto_from_tokenizer_json(json.load(f), str(path)), str(path))
-        return cls(path.read_bytes(), str(path))
-
-    def __call__(self, prompts: Union[str, Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        ids = torch.full((len(prompts), TEXT_LEN), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(prompts), TEXT_LEN), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            pieces = self.sp.encode(clean_prompt(prompt), out_type=int)[: TEXT_LEN - 1] + [EOS_ID]
-            ids[row, : len(pieces)] = torch.tensor(pieces)
-            mask[row, : len(pieces)] = 1
-        return ids, mask
-
-
-def _find_tokenizer_file(folder: Path, names: Sequence[str]) -> Optional[Path]:
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-# Minimal protobuf writer for sentencepiece's ModelProto (field numbers of sentencepiece_model.proto),
-# so a tokenizer.json can be run by SentencePiece without the protobuf or tokenizers packages.
-def _pb_varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int32 fields are written as 64-bit two's complement
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _pb_int(field: int, value: int) -> bytes:
-    return _pb_varint(field << 3) + _pb_varint(value)
-
-
-def _pb_bytes(field: int, payload: bytes) -> bytes:
-    return _pb_varint(field << 3 | 2) + _pb_varint(len(payload)) + payload
-
-
-def _pb_float(field: int, value: float) -> bytes:
-    return _pb_varint(field << 3 | 5) + struct.pack("<f", value)
-
-
-_PIECE_NORMAL, _PIECE_UNKNOWN, _PIECE_CONTROL, _PIECE_BYTE = 1, 2, 3, 6
-_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
-
-
-def _find_component(node, kind: str):
-    """The first {"type": kind} entry of a tokenizer.json normalizer/pre_tokenizer (or Sequence)."""
-    if not isinstance(node, dict):
-        return None
-    if node.get("type") == kind:
-        return node
-    for child in node.get("normalizers") or node.get("pretokenizers") or []:
-        found = _find_component(child, kind)
-        if found is not None:
-            return found
-    return None
-
-
-def spm_proto_from_tokenizer_json(data: dict, source: str = "tokenizer.json") -> bytes:
-    """Serialized SentencePiece ModelProto equivalent to a Hugging Face Unigram tokenizer.json."""
-    model = data.get("model") or {}
-    if model.get("type") != "Unigram" or not model.get("vocab"):
-        raise ValueError(f"{source} is not a SentencePiece Unigram tokenizer; point tokenizer= at the "
-                         f"spiece.model or tokenizer.json of google/umt5-xxl.")
-    vocab = model["vocab"]
-    unk_id = model.get("unk_id")
-    byte_fallback = bool(model.get("byte_fallback", False))
-    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
-
-    pieces = b""
-    for index, (piece, score) in enumerate(vocab):
-        if index == unk_id:
-            kind = _PIECE_UNKNOWN
-        elif piece in special:
-            kind = _PIECE_CONTROL
-        elif byte_fallback and _BYTE_PIECE.fullmatch(piece):
-            kind = _PIECE_BYTE
-        else:
-            kind = _PIECE_NORMAL
-        entry = _pb_bytes(1, piece.encode("utf-8")) + _pb_float(2, float(score)) + _pb_int(3, kind)
-        pieces += _pb_bytes(1, entry)
-
-    ids = {piece: i for i, (piece, _) in enumerate(vocab)}
-    trainer = (_pb_int(3, 1) + _pb_int(4, len(vocab)) + _pb_int(35, int(byte_fallback))
-               + _pb_int(40, -1 if unk_id is None else unk_id) + _pb_int(41, ids.get("<s>", -1))
-               + _pb_int(42, ids.get("</s>", -1)) + _pb_int(43, ids.get("<pad>", -1)))
-
-    precompiled = _find_component(data.get("normalizer"), "Precompiled")
-    charsmap = b""
-    if precompiled is not None and precompiled.get("precompiled_charsmap"):
-        import base64
-
-        charsmap = base64.b64decode(precompiled["precompiled_charsmap"])
-    metaspace = _find_component(data.get("pre_tokenizer"), "Metaspace") or {}
-    if "prepend_scheme" in metaspace:
-        dummy_prefix = metaspace["prepend_scheme"] != "never"
-    else:
-        dummy_prefix = bool(metaspace.get("add_prefix_space", True))
-    normalizer = (_pb_bytes(1, b"nmt_nfkc" if charsmap else b"identity") + _pb_bytes(2, charsmap)
-                  + _pb_int(3, int(dummy_prefix)) + _pb_int(4, 1) + _pb_int(5, 1))
-    return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
-
-
-# --------------------------------------------------------------------------------------------
 # Checkpoint loading
 # --------------------------------------------------------------------------------------------
 
 
-class _Checkpoint:
-    """Uniform read access to a .safetensors (streamed) or .pth (memory-mapped) state dict."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as f:
-            head = f.read(16)
-        if head[:4] == b"GGUF":
-            raise TextEncoderFileError(
-                f"{path.name} is a GGUF file, which this loader does not read; a umT5-xxl text "
-                f"encoder in .safetensors or .pth form is expected (e.g. umt5_xxl_fp8_e4m3fn_scaled.safetensors).")
-        if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header size, then JSON
-            from safetensors import safe_open
-
-            self._st = safe_open(str(path), framework="pt", device="cpu")
-            self._sd = None
-            self.names = list(self._st.keys())
-        elif head[:2] == b"PK":  # torch.save zip archive
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:
-                raise TextEncoderFileError(
-                    f"{path.name} could not be read as a plain tensor state dict ({type(err).__name__}); "
-                    f"a umT5-xxl text encoder file is expected.") from None
-            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-                raise TextEncoderFileError(
-                    f"{path.name} is not a flat tensor state dict; a umT5-xxl text encoder file "
-                    f"(models_t5_umt5-xxl-enc-bf16.pth) is expected.")
-            self._st = None
-            self._sd = sd
-            self.names = list(sd.keys())
-        else:
-            raise TextEncoderFileError(
-                f"{path.name} is neither a .safetensors nor a PyTorch checkpoint; a umT5-xxl text "
-                f"encoder file is expected.")
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if self._sd is not None:
-            return tuple(self._sd[name].shape)
-        return tuple(self._st.get_slice(name).get_shape())
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._sd[name] if self._sd is not None else self._st.get_tensor(name)
+EXPECTED_FILE = ("a umT5-xxl text encoder file (models_t5_umt5-xxl-enc-bf16.pth or "
+                 "umt5_xxl_fp8_e4m3fn_scaled.safetensors)")
 
 
 _HF_BLOCK = re.compile(r"encoder\.block\.(\d+)\.layer\.(\d)\.(.+)")
@@ -550,22 +303,7 @@ def _own_name_wan(name: str) -> str:
     return re.sub(r"\.ffn\.gate\.0\.weight$", ".ffn.gate.weight", name)
 
 
-def _describe_foreign(names: Sequence[str]) -> str:
-    """What a checkpoint without umT5 encoder tensors looks like, for the error message."""
-    joined = "\n".join(names)
-    if re.search(r"text_model\.|text_projection|(^|\.)transformer\.resblocks\.", joined, re.M):
-        return "a CLIP text encoder (e.g. CLIP-L)"
-    if re.search(r"(^|\.)model\.layers\.\d+\.", joined, re.M):
-        return "an LLM text encoder (e.g. Qwen/Llama)"
-    if re.search(r"patch_embedding|self_attn\.|cross_attn\.|diffusion_model\.|time_embedding", joined):
-        return "a diffusion model (DiT) checkpoint"
-    if re.search(r"(^|\.)(decoder\.upsamples|encoder\.downsamples|decoder\.up_blocks|encoder\.down_blocks"
-                 r"|first_stage_model|post_quant_conv)", joined, re.M):
-        return "a VAE checkpoint"
-    return f"an unknown model (first tensors: {', '.join(names[:3])})"
-
-
-def _load_state(ckpt: _Checkpoint, dtype: torch.dtype, device: torch.device, check_dim: Optional[int]):
+def _load_state(ckpt: ModelFile, dtype: torch.dtype, device: torch.device, check_dim: Optional[int]):
     """(config, state dict under this module's names in dtype on device)."""
     name = ckpt.path.name
     prefix = ""
@@ -588,26 +326,24 @@ def _load_state(ckpt: _Checkpoint, dtype: torch.dtype, device: torch.device, che
             elif not _HF_IGNORED.fullmatch(k[len(prefix):]):
                 sources[k] = k  # reported as unexpected below
     else:
-        raise TextEncoderFileError(
-            f"{name} looks like {_describe_foreign(ckpt.names)}; a umT5-xxl text encoder file is expected "
-            f"(models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_fp8_e4m3fn_scaled.safetensors).")
+        raise ModelFileError(f"{name} looks like {describe(strip_prefixes(ckpt.meta()))}; {EXPECTED_FILE} is expected.")
 
     shapes = {own: ckpt.shape(src) for own, src in sources.items()}
     if "blocks.0.pos_embedding.embedding.weight" in shapes and "blocks.1.attn.q.weight" in shapes \
             and "blocks.1.pos_embedding.embedding.weight" not in shapes:
-        raise TextEncoderFileError(
+        raise ModelFileError(
             f"{name} looks like a T5 v1.1 encoder (e.g. the Flux/SD3 t5xxl), whose relative position "
             f"bias lives in the first layer only; a umT5-xxl text encoder file is expected.")
     required = ["token_embedding.weight", "norm.weight", "blocks.0.attn.q.weight",
                 "blocks.0.ffn.fc1.weight", "blocks.0.pos_embedding.embedding.weight"]
     missing = [k for k in required if k not in shapes]
     if missing:
-        raise TextEncoderFileError(
+        raise ModelFileError(
             f"{name} lacks the umT5 tensor {sources.get(missing[0], missing[0])!r} ({layout} layout); "
             f"a complete umT5-xxl text encoder file is expected.")
     cfg = UMT5Config.from_state_dict(shapes)
     if check_dim is not None and cfg.dim != check_dim:
-        raise TextEncoderFileError(
+        raise ModelFileError(
             f"{name} looks like a T5/umT5 encoder of width {cfg.dim}, not the {check_dim}-wide "
             f"umT5-xxl the video model needs; a umT5-xxl text encoder file is expected.")
 
@@ -617,26 +353,26 @@ def _load_state(ckpt: _Checkpoint, dtype: torch.dtype, device: torch.device, che
     absent = sorted(set(expected) - set(sources))
     if unexpected or absent:
         what = f"unexpected tensor {sources[unexpected[0]]!r}" if unexpected else f"no tensor for {absent[0]!r}"
-        raise TextEncoderFileError(f"{name} has {what} for a {cfg.layers}-layer umT5 encoder; a complete "
+        raise ModelFileError(f"{name} has {what} for a {cfg.layers}-layer umT5 encoder; a complete "
                                    f"umT5-xxl text encoder file is expected.")
 
     state = {}
     for own, src in sources.items():
         if tuple(expected[own].shape) != shapes[own]:
-            raise TextEncoderFileError(f"{name}: tensor {src!r} has shape {shapes[own]}, expected "
+            raise ModelFileError(f"{name}: tensor {src!r} has shape {shapes[own]}, expected "
                                        f"{tuple(expected[own].shape)}; the file is inconsistent or not umT5-xxl.")
         state[own] = _dequantized(ckpt, src, layout, dtype, device)
     return cfg, state
 
 
-def _scale_for(ckpt: _Checkpoint, weight_name: str) -> Optional[torch.Tensor]:
+def _scale_for(ckpt: ModelFile, weight_name: str) -> Optional[torch.Tensor]:
     """The fp8 scale of ``<layer>.weight``, checking the layer's comfy_quant marker if present."""
     layer = weight_name[: -len(".weight")]
     marker = layer + ".comfy_quant"
     if marker in ckpt.names:
         conf = json.loads(bytes(ckpt.tensor(marker).tolist()).decode("utf-8"))
         if conf.get("format") not in ("float8_e4m3fn", "float8_e5m2"):
-            raise TextEncoderFileError(
+            raise ModelFileError(
                 f"{ckpt.path.name}: layer {layer!r} is quantized as {conf.get('format')!r}, which this "
                 f"loader does not read; use the bf16 or fp8_scaled umT5-xxl file.")
     for scale_name in (layer + ".weight_scale", layer + ".scale_weight"):
@@ -648,18 +384,18 @@ def _scale_for(ckpt: _Checkpoint, weight_name: str) -> Optional[torch.Tensor]:
 _ROW_BLOCK = 8192  # rows dequantized at a time (bounds the float32 temporary)
 
 
-def _dequantized(ckpt: _Checkpoint, name: str, layout: str, dtype: torch.dtype,
+def _dequantized(ckpt: ModelFile, name: str, layout: str, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
     weight = ckpt.tensor(name)
     if not weight.is_floating_point():
-        raise TextEncoderFileError(
+        raise ModelFileError(
             f"{ckpt.path.name}: tensor {name!r} is stored as {weight.dtype} (an unsupported quantization); "
             f"use the bf16 or fp8_scaled umT5-xxl file.")
     scale = _scale_for(ckpt, name) if layout == "hf" and name.endswith(".weight") else None
     if scale is None:
         return weight.to(device=device, dtype=dtype)
     if scale.numel() != 1:
-        raise TextEncoderFileError(
+        raise ModelFileError(
             f"{ckpt.path.name}: {name!r} has a {tuple(scale.shape)} scale, not one per tensor; "
             f"use the bf16 or fp8_scaled umT5-xxl file.")
     scale = scale.reshape(()).to(device)
@@ -668,25 +404,6 @@ def _dequantized(ckpt: _Checkpoint, name: str, layout: str, dtype: torch.dtype,
         rows = weight[start:start + _ROW_BLOCK].to(device)
         out[start:start + _ROW_BLOCK] = (rows.float() * scale).to(dtype)
     return out
-
-
-_TOKENIZER_NEIGHBOURS = ("spiece.model", "tokenizer.json", "google/umt5-xxl/spiece.model",
-                         "google/umt5-xxl/tokenizer.json", "umt5-xxl/spiece.model", "umt5-xxl/tokenizer.json")
-
-
-def _default_tokenizer_file(checkpoint: Path) -> Optional[Path]:
-    """A umT5 tokenizer beside the checkpoint, else the one the reference downloaded
-    (``AutoTokenizer.from_pretrained("google/umt5-xxl")``) in the Hugging Face hub cache."""
-    found = _find_tokenizer_file(checkpoint.parent, _TOKENIZER_NEIGHBOURS)
-    if found is not None:
-        return found
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
-    for snapshot in sorted(Path(hub).glob("models--google--umt5-xxl/snapshots/*")):
-        found = _find_tokenizer_file(snapshot, ("spiece.model", "tokenizer.json"))
-        if found is not None:
-            return found
-    return None
 
 
 def load_text_encoder(path: PathLike, tokenizer: Union[PathLike, UMT5Tokenizer, None] = None,
@@ -702,11 +419,8 @@ def load_text_encoder(path: PathLike, tokenizer: Union[PathLike, UMT5Tokenizer, 
     the caller's video model consumes (Wan: 4096); None accepts any width (small test models).
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"text encoder file {path} does not exist; pass the path of "
-                         f"models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_fp8_e4m3fn_scaled.safetensors.")
     device = torch.device(device if device is not None else "cpu")
-    ckpt = _Checkpoint(path)
+    ckpt = ModelFile(path, EXPECTED_FILE)
     cfg, state = _load_state(ckpt, dtype, device, expected_dim)
 
     embedded = [k for k in ckpt.names if k == "spiece_model" or k.endswith(".spiece_model")]
@@ -717,7 +431,7 @@ def load_text_encoder(path: PathLike, tokenizer: Union[PathLike, UMT5Tokenizer, 
     elif embedded:
         tok = UMT5Tokenizer(ckpt.tensor(embedded[0]).numpy().tobytes(), f"{path.name}:{embedded[0]}")
     else:
-        found = _default_tokenizer_file(path)
+        found = default_tokenizer_file(path)
         tok = UMT5Tokenizer.from_file(found) if found is not None else None
 
     with torch.device("meta"):
@@ -727,7 +441,5 @@ def load_text_encoder(path: PathLike, tokenizer: Union[PathLike, UMT5Tokenizer, 
 
 
 __all__ = [
-    "UMT5Config", "UMT5TextEncoder", "UMT5Tokenizer", "TextEncoderFileError", "clean_prompt",
-    "load_text_encoder", "relative_position_buckets", "spm_proto_from_tokenizer_json", "TEXT_LEN",
-    "PAD_ID", "EOS_ID",
+    "UMT5Config", "UMT5TextEncoder", "load_text_encoder", "relative_position_buckets",
 ]

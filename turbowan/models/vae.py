@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import ModelFileError, identify, read_state_dict, strip_prefixes
 from ..kernels import vae_norm_dispatch
-from ..placement import default_device, free_cuda_bytes
 from ..progress import ProgressHook, report
 
 SPATIAL_COMPRESSION = 8
@@ -47,9 +47,9 @@ LATENT_STD = [
 # A layer -> the trailing input frames it saw in the previous chunk (absent before the first chunk).
 Cache = Dict[nn.Module, Optional[torch.Tensor]]
 
-# `tile` argument of encode/decode: None/False = whole frame, "auto" = from free GPU memory,
-# (tile_h, tile_w) = fixed tiles, in latent pixels.
-TileSpec = Union[None, bool, str, Tuple[int, int]]
+# `tile` argument of encode/decode: None = whole frame, (tile_h, tile_w) = fixed tiles, in latent pixels
+# (`turbowan.vae_tiling` picks them from a memory budget).
+TileSpec = Optional[Tuple[int, int]]
 
 
 @dataclass
@@ -322,7 +322,6 @@ class WanVAEModel(nn.Module):
 # Spatial tiling (memory): tiles on the latent grid, decoded/encoded independently, linearly blended
 # ----------------------------------------------------------------------------------------------
 
-MIN_AUTO_TILE = 16  # latent pixels (128 video pixels); smaller tiles cost more in overlap than they save
 # Peak bytes of live activations, caches included, per video pixel of one frame and per byte of the dtype,
 # for the released width (dim 96), batch 1. Measured by tracking every tensor allocation of a decode
 # (one latent frame -> 4 video frames) / an encode (4-frame chunks) on the meta device: 4300 / 3750,
@@ -449,7 +448,7 @@ class WanVAE:
         grid = (height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
         video = video.to(device=self.device, dtype=self.dtype)
         chunks = 1 + (frames - 1) // TEMPORAL_COMPRESSION
-        tile = self._resolve_tile(tile, "encode", grid, b, frames)
+        tile = self._resolve_tile(tile, grid)
         done = 0
 
         def encode_region(region: torch.Tensor) -> torch.Tensor:
@@ -488,7 +487,7 @@ class WanVAE:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; the Wan2.1 VAE decodes [B, {Z_DIM}, T, H, W]")
         b, _, steps, h, w = latents.shape
         z = latents.to(device=self.device, dtype=self.dtype)
-        tile = self._resolve_tile(tile, "decode", (h, w), b, 1 + TEMPORAL_COMPRESSION * (steps - 1))
+        tile = self._resolve_tile(tile, (h, w))
         done = 0
 
         def decode_region(z: torch.Tensor) -> torch.Tensor:
@@ -520,19 +519,18 @@ class WanVAE:
 
     # -- tiling ---------------------------------------------------------------------------------
 
-    def _resolve_tile(self, tile: TileSpec, stage: str, grid: Tuple[int, int], batch: int, frames: int) -> Optional[Tuple[int, int]]:
+    def _resolve_tile(self, tile: TileSpec, grid: Tuple[int, int]) -> Optional[Tuple[int, int]]:
         """None (whole frame) or a (tile_h, tile_w) in latent pixels."""
-        if tile is None or tile is False:
+        if tile is None:
             return None
-        if isinstance(tile, str) and tile == "auto":
-            return self.auto_tile(stage, grid, batch, frames)
         if (
             isinstance(tile, (tuple, list))
             and len(tile) == 2
             and all(isinstance(t, int) and not isinstance(t, bool) and t >= 2 for t in tile)
         ):
             return (min(tile[0], grid[0]), min(tile[1], grid[1]))
-        raise ValueError(f"tile={tile!r} is not understood; use None or False (no tiling), 'auto', or (tile_h, tile_w) in latent pixels (each >= 2)")
+        raise ValueError(f"tile={tile!r} is not understood; use None (no tiling) or (tile_h, tile_w) in latent pixels "
+                         "(each >= 2), e.g. from turbowan.vae_tiling.auto_tile")
 
     def estimate_activations(self, stage: str, region: Tuple[int, int], batch: int = 1) -> int:
         """Estimated peak activation bytes to `stage` ("encode"/"decode") a region of latent pixels."""
@@ -551,23 +549,6 @@ class WanVAE:
             video_values = batch * 3 * frames * grid[0] * grid[1] * SPATIAL_COMPRESSION**2
             need += video_values * (_dtype_size(self.dtype) + (0 if tile is None else 4))
         return need
-
-    def tile_for_budget(self, stage: str, grid: Tuple[int, int], budget: float, batch: int = 1, frames: int = 1) -> Optional[Tuple[int, int]]:
-        """None if the whole frame fits `budget` bytes, else the largest square tile that does
-        (at least MIN_AUTO_TILE latent pixels, even if that does not fit)."""
-        if self.memory_needed(stage, grid, None, batch, frames) <= budget:
-            return None
-        side = max(grid)
-        while side > MIN_AUTO_TILE and self.memory_needed(stage, grid, (min(side, grid[0]), min(side, grid[1])), batch, frames) > budget:
-            side -= 4
-        side = max(side, MIN_AUTO_TILE)
-        return (min(side, grid[0]), min(side, grid[1]))
-
-    def auto_tile(self, stage: str, grid: Tuple[int, int], batch: int = 1, frames: int = 1) -> Optional[Tuple[int, int]]:
-        """`tile_for_budget` with 90% of the free CUDA memory; None (no tiling) on CPU."""
-        if self.device.type != "cuda":
-            return None
-        return self.tile_for_budget(stage, grid, 0.9 * free_cuda_bytes(self.device), batch, frames)
 
 
 def _dtype_size(dtype: torch.dtype) -> int:
@@ -594,26 +575,7 @@ def _check_video(video: torch.Tensor) -> None:
 # Loading
 # ----------------------------------------------------------------------------------------------
 
-_WAN_VAE_KEY = "decoder.middle.0.residual.0.gamma"
-
-
-def _describe_foreign(state_dict: Dict[str, torch.Tensor]) -> str:
-    """What a state dict that is not a Wan2.1 VAE looks like, as a sentence fragment."""
-    keys = state_dict.keys()
-    has = lambda fragment: any(fragment in k for k in keys)  # noqa: E731
-    if _WAN_VAE_KEY in keys:
-        if "decoder.upsamples.0.upsamples.0.residual.2.weight" in keys or state_dict.get("conv2.weight", torch.empty(0)).shape[:1] == (48,):
-            return "looks like a Wan2.2 VAE (z_dim 48, used by the TI2V-5B model)"
-        z = state_dict["conv2.weight"].shape[0] if "conv2.weight" in keys else "unknown"
-        return f"looks like a Wan-family VAE with z_dim {z}"
-    if has("patch_embedding") or has("self_attn.q") or has("head.modulation"):
-        return "looks like a Wan diffusion model (DiT) checkpoint"
-    if "token_embedding.weight" in keys or "shared.weight" in keys or has("encoder.block.0.layer"):
-        return "looks like a T5/umT5 text encoder"
-    if has("decoder.conv_in") or has("decoder.mid_block") or has("decoder.up_blocks"):
-        return "looks like an image VAE or a diffusers-format VAE"
-    return f"does not contain the Wan2.1 VAE tensors (no '{_WAN_VAE_KEY}'; {len(state_dict)} tensors)"
-
+EXPECTED_FILE = "the Wan2.1 VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors, z_dim 16)"
 
 def vae_from_state_dict(
     state_dict: Dict[str, torch.Tensor],
@@ -624,15 +586,12 @@ def vae_from_state_dict(
     """Build a WanVAE from a `Wan2.1_VAE.pth`-layout state dict (also ComfyUI's VAE `first_stage_model.state_dict()`).
 
     The base width is read from `encoder.conv1.weight` (96 for the release); tensors are cast to `dtype`
-    and moved to `device` (default: cuda if available, else cpu).
+    and moved to `device` (default: the CPU, like the other loaders).
     """
-    expected = "the Wan2.1 VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors, z_dim 16)"
-    if _WAN_VAE_KEY not in state_dict or "conv2.weight" not in state_dict or "encoder.conv1.weight" not in state_dict:
-        raise ValueError(f"{name} {_describe_foreign(state_dict)}; expected {expected}")
-    z_dim = state_dict["conv2.weight"].shape[0]
-    in_channels = state_dict["encoder.conv1.weight"].shape[1]
-    if z_dim != Z_DIM or in_channels != 3:
-        raise ValueError(f"{name} {_describe_foreign(state_dict)}; expected {expected}")
+    kind, what = identify(strip_prefixes(state_dict))
+    conv1, conv2 = state_dict.get("encoder.conv1.weight"), state_dict.get("conv2.weight")
+    if kind != "wan21_vae" or conv2 is None or conv2.shape[0] != Z_DIM or conv1 is None or conv1.shape[1] != 3:
+        raise ModelFileError(f"{name} looks like {what}; the VAE slot expects {EXPECTED_FILE}")
     cfg = VAEConfig(dim=state_dict["encoder.conv1.weight"].shape[0])
     with torch.device("meta"):
         model = WanVAEModel(cfg)
@@ -640,43 +599,26 @@ def vae_from_state_dict(
     missing = sorted(set(wanted) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(wanted))
     if missing or unexpected:
-        raise ValueError(
-            f"{name} has a Wan VAE layout but not the Wan2.1 one (missing {missing[:3]}, unexpected {unexpected[:3]}); expected {expected}"
+        raise ModelFileError(
+            f"{name} has a Wan VAE layout but not the Wan2.1 one (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            f"the VAE slot expects {EXPECTED_FILE}"
         )
     for key, tensor in wanted.items():
         if tuple(state_dict[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"{name}: '{key}' has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)} for {expected}")
+            raise ModelFileError(f"{name}: '{key}' has shape {tuple(state_dict[key].shape)}, expected "
+                                 f"{tuple(tensor.shape)} for {EXPECTED_FILE}")
         if state_dict[key].is_meta:
-            raise ValueError(f"{name}: '{key}' holds no data (meta tensor); pass a state dict with loaded weights")
-    device = torch.device(device) if device is not None else default_device()
+            raise ModelFileError(f"{name}: '{key}' holds no data (meta tensor); pass a state dict with loaded weights")
+    device = torch.device(device if device is not None else "cpu")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
     return WanVAE(model)
 
 
 def load_vae(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.bfloat16) -> WanVAE:
-    """Load `Wan2.1_VAE.pth` (torch zip, weights only) or ComfyUI's `wan_2.1_vae.safetensors` (fp32/fp16/bf16)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VAE file {path} does not exist; put Wan2.1_VAE.pth or wan_2.1_vae.safetensors there")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """Load `Wan2.1_VAE.pth` (torch zip, weights only) or ComfyUI's `wan_2.1_vae.safetensors` (fp32/fp16/bf16).
 
-            state_dict = load_file(str(path), device="cpu")
-        else:
-            try:
-                state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                # Saved in torch's legacy (pre-zip) format, which cannot be memory-mapped.
-                state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise  # unreadable (permissions, I/O): not a statement about the file's content
-    except Exception as exc:  # the loaders raise many exception types for a damaged file
-        if "weights only" in str(exc).lower():
-            raise ValueError(f"{path.name} contains pickled Python objects, not just tensors; use the plain Wan2.1_VAE.pth or wan_2.1_vae.safetensors") from exc
-        raise ValueError(f"{path.name} looks truncated or corrupt; re-download it") from exc
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path.name} is not a plain tensor state dict; expected the Wan2.1 VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)")
+    device: where the weights go (default: the CPU, like `load_dit` and `load_text_encoder`).
+    """
+    path = Path(path)
+    state_dict = read_state_dict(path, EXPECTED_FILE)
     return vae_from_state_dict(state_dict, device=device, dtype=dtype, name=path.name)

@@ -1,0 +1,46 @@
+"""Which device to compute on, and how much memory a CUDA device has free."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def default_device() -> torch.device:
+    """The compute device when none is given: the first CUDA GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_device(name: Optional[str]) -> torch.device:
+    """The device a user named (``cuda``, ``cuda:1``, ``cpu``), checked to exist here; None: `default_device`."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use cuda, cuda:1 or cpu") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for CUDA, but torch {torch.__version__} sees no CUDA GPU here; "
+                             "use --device cpu (hours for the 14B models) or run on a GPU machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def free_cuda_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device for this process: what the driver reports plus what PyTorch caches unused,
+    capped by `torch.cuda.set_per_process_memory_fraction` when one is set."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    # a fraction can only have been set once CUDA is initialised (and asking earlier would initialise it)
+    if get_fraction is None or not torch.cuda.is_initialized():
+        fraction = 1.0
+    else:
+        fraction = get_fraction(device.index if device.index is not None else torch.cuda.current_device())
+    if fraction < 1.0:
+        available = min(available, int(fraction * total) - allocated)
+    return max(0, available)

@@ -25,14 +25,6 @@ FORBIDDEN = {
     "turbowan.ops.": {"turbowan.models.", "turbowan.pipeline", "turbowan.cli", "turbowan.doctor",
                       "turbowan.comfy_nodes"},
 }
-# Upward imports other branches of issue 10 are removing (the SLA contract moves into kernels/, the execution
-# modes into turbowan.options); delete each entry once that branch is merged.
-KNOWN_UPWARD = {
-    ("turbowan.kernels.sla_triton", "turbowan.ops.sla"),
-    ("turbowan.kernels.sagesla_triton", "turbowan.ops.sla"),
-    ("turbowan.kernels.spargeattn", "turbowan.ops.sla"),
-    ("turbowan.models.dit", "turbowan.placement"),
-}
 
 
 def _module_name(path) -> str:
@@ -111,4 +103,4 @@ def test_no_module_imports_a_layer_above_it():
                            if any(t == b or (b.endswith(".") and t.startswith(b)) for b in banned)}
         if module != "turbowan.comfy_nodes":
             upward |= {(module, t) for t in targets if t.split(".")[0] in COMFY}
-    assert upward <= KNOWN_UPWARD, f"upward imports: {sorted(upward - KNOWN_UPWARD)}"
+    assert not upward, f"upward imports: {sorted(upward)}"

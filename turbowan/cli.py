@@ -212,20 +212,27 @@ def cmd_generate(args, progress: StageProgress) -> int:
     if device.type == "cpu" and high.config.dim >= 5120:
         logging.getLogger("turbowan").warning("turbowan: the 14B experts take hours on a CPU; use a CUDA GPU")
 
-    # 4. the job
-    frames = turbowan.generate_i2v(
-        high, low, vae, image, context,
-        num_frames=args.frames, num_steps=args.steps, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
-        adaptive_resolution=args.adaptive, width=args.width, height=args.height, boundary=args.boundary,
-        sigma_max=args.sigma_max, seed=args.seed, ode=args.ode, num_samples=args.samples,
-        progress=progress, device=device,
-    )  # [S, F, H, W, 3] in [0, 1]
+    # 4. the job; each video is encoded while the VAE decodes (a writer thread per output), written to a
+    # temporary name and renamed into place when complete
+    from .video import VideoWriter
 
-    # 5. write (atomically: a temporary file renamed into place)
-    for i, path in enumerate(outputs):
-        turbowan.write_video(frames[i], path, fps=args.fps, quality=args.quality)
-        progress.written.append(path)
-        progress("write", i + 1, len(outputs))
+    writers = [VideoWriter(path, fps=args.fps, quality=args.quality) for path in outputs]
+    try:
+        frames = turbowan.generate_i2v(
+            high, low, vae, image, context,
+            num_frames=args.frames, num_steps=args.steps, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
+            adaptive_resolution=args.adaptive, width=args.width, height=args.height, boundary=args.boundary,
+            sigma_max=args.sigma_max, seed=args.seed, ode=args.ode, num_samples=args.samples,
+            progress=progress, device=device, on_frames=lambda i, start, chunk: writers[i].write(chunk),
+        )  # [S, F, H, W, 3] in [0, 1]
+        for i, (writer, path) in enumerate(zip(writers, outputs)):
+            writer.close()
+            progress.written.append(path)
+            progress("write", i + 1, len(outputs))
+    except BaseException:
+        for writer in writers:
+            writer.abort()  # nothing once closed: finished videos are kept
+        raise
     progress.close()
 
     peak = ""
@@ -234,7 +241,8 @@ def cmd_generate(args, progress: StageProgress) -> int:
                 f"{torch.cuda.max_memory_reserved(device) / 1e9:.1f} GB reserved")
     names = ", ".join(str(p) for p in outputs)
     _, n, h, w, _ = frames.shape
-    print(f"wrote {names} ({n} frames, {w}x{h}, {args.fps:g} fps) on {device} in {progress.summary()}{peak}")
+    int8 = f", int8 {high.quant}" if high.quant else ""
+    print(f"wrote {names} ({n} frames, {w}x{h}, {args.fps:g} fps) on {device}{int8} in {progress.summary()}{peak}")
     return EXIT_OK
 
 
@@ -279,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attention", default="sla", choices=list(ATTENTION_KINDS),
                      help="(default sla; sagesla_spargeattn needs SpargeAttn installed)")
     run.add_argument("--sla-topk", type=float, default=0.1, help="fraction of key blocks SLA keeps (default 0.1)")
-    run.add_argument("--quant", default="w8a16", choices=list(QUANT_MODES),
-                     help="how int8 weights run: dequantized (w8a16) or int8 x int8 (w8a8)")
+    run.add_argument("--quant", default="auto", choices=list(QUANT_MODES),
+                     help="how int8 weights run: dequantized (w8a16) or int8 x int8 (w8a8, the reference's numerics); "
+                          "default auto: w8a8 where our int8 kernel runs, else w8a16")
     run.add_argument("--mode", default="auto", choices=list(EXECUTION_MODES),
                      help="where the expert weights live on CUDA (default auto; see `turbowan doctor`)")
     run.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present; bf16 on a GPU, "

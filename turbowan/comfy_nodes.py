@@ -121,8 +121,9 @@ class TurboWanModelLoader:
                                "the previous one computes (least VRAM). resident: both experts stay on the GPU. "
                                "auto: the first that fits."}),
                 "int8_compute": (list(QUANT_MODES), {
-                    "default": "w8a16",
-                    "tooltip": "For -quant (int8) files. w8a16: weights dequantized to bf16, works everywhere. "
+                    "default": "auto",
+                    "tooltip": "For -quant (int8) files. auto: w8a8 where our int8 kernel runs (CUDA sm80+ with "
+                               "Triton), else w8a16. w8a16: weights dequantized to bf16, works everywhere. "
                                "w8a8: int8 activations too, the reference's numerics; about 1.3x faster linear "
                                "layers on H100/H200 with Triton (falls back to an exact but slow emulation "
                                "without it). A bf16 file with w8a8 is quantized at load."}),
@@ -138,7 +139,7 @@ class TurboWanModelLoader:
     def IS_CHANGED(cls, model_name, **_):
         return _identity_or_empty("diffusion_models", model_name)
 
-    def load(self, model_name, attention_type="sla", sla_topk=0.1, execution_mode="auto", int8_compute="w8a16"):
+    def load(self, model_name, attention_type="sla", sla_topk=0.1, execution_mode="auto", int8_compute="auto"):
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         if execution_mode not in EXECUTION_MODES:
             raise TurboWanError(f"execution_mode must be one of {EXECUTION_MODES}, got {execution_mode!r}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 # Attention kinds (what each does: `turbowan.ops.attention`), in the order the node and the CLI list them.
 ATTENTION_KINDS = ("sla", "sagesla", "original", "sagesla_spargeattn")
 
-# How int8 (-quant) weights run: dequantized to the compute dtype, or int8 x int8 (`turbowan.ops.int8`).
-QUANT_MODES = ("w8a16", "w8a8")
+# How int8 (-quant) weights run: dequantized to the compute dtype, or int8 x int8 (`turbowan.ops.int8`);
+# "auto": w8a8 (the reference's numerics, faster) where our int8 kernel runs, else w8a16.
+QUANT_MODES = ("auto", "w8a16", "w8a8")
 
 # Where the experts' weights live on CUDA during a run (`turbowan.placement`).
 EXECUTION_MODES = ("auto", "resident", "swap", "stream")

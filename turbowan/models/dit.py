@@ -257,6 +257,7 @@ class WanI2VDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(c, quant, with_proj_l) for _ in range(c.num_layers))
         self.head = Head(c)
         self.dtype = torch.float32  # compute dtype of the residual stream; set by the loader
+        self.quant = quant  # how the block linears run: None (float weights), "w8a16" or "w8a8"
         self.source = ""  # file the weights came from (for messages and slot checks)
         self.execution_mode = "auto"  # the loader's choice; see turbowan.placement
 
@@ -323,7 +324,7 @@ def load_dit(
     path,
     attention: str = "sla",
     sla_topk: float = 0.1,
-    quant: str = "w8a16",
+    quant: str = "auto",
     device=None,
     dtype: torch.dtype = torch.bfloat16,
     mode: str = "auto",
@@ -334,6 +335,8 @@ def load_dit(
       ``"original"`` (dense; the SLA weights go unused).
     * ``quant``: how int8 weights run: ``"w8a16"`` (dequantize to ``dtype``) or ``"w8a8"`` (int8 activations,
       the reference's numerics). A bf16 file with ``"w8a8"`` is quantized at load with the reference's rule.
+      ``"auto"`` (default): ``"w8a8"`` for a ``-quant`` file where our int8 kernel runs (a CUDA GPU of sm80+ with
+      Triton, bf16), else ``"w8a16"``; a bf16 file stays bf16. ``model.quant`` says what was chosen.
     * ``device``: where the weights go; ``None`` keeps them on the CPU, to be placed on the GPU by the pipeline
       one expert at a time.
     * ``dtype``: compute dtype (bf16 like the reference; float32 for exact CPU checks).
@@ -362,6 +365,8 @@ def load_dit(
             f"{name} has no SLA weights (proj_l), so it is not a TurboWan checkpoint for attention_type "
             f"{attention!r}; use the TurboWan2.2 files, or attention_type 'original'"
         )
+    if quant == "auto":
+        quant = "w8a8" if ckpt.quantized and dtype == torch.bfloat16 and w8a8_kernel_runs() else "w8a16"
     with_proj_l = attention != "original"
     with torch.device("meta"):
         model = WanI2VDiT(ckpt.config, quant if ckpt.quantized else None, with_proj_l)
@@ -374,6 +379,7 @@ def load_dit(
     model.load_state_dict(sd, strict=True, assign=True)
     if quant == "w8a8" and not ckpt.quantized:  # bf16 file run as w8a8: quantize the block linears now
         _quantize_block_linears(model, quant)
+        model.quant = quant
     model.dtype = dtype
     model.source = str(path)
     model.execution_mode = mode
@@ -382,6 +388,15 @@ def load_dit(
     if device is not None:
         model.to(device)
     return model
+
+
+def w8a8_kernel_runs() -> bool:
+    """Our fused W8A8 kernel runs on this machine's default GPU (it falls back with a one-line notice otherwise)."""
+    if not torch.cuda.is_available():
+        return False
+    from ..kernels import int8_dispatch
+
+    return int8_dispatch() is not None
 
 
 def _quantize_block_linears(model: WanI2VDiT, quant: str) -> None:
@@ -416,6 +431,7 @@ def random_dit(
                           strict=True, assign=True)
     if quant is not None:
         _quantize_block_linears(model, quant)
+        model.quant = quant
     model.dtype = dtype
     model.source = f"random(seed={seed})"
     model.set_attention(attention, sla_topk)

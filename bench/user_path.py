@@ -218,7 +218,9 @@ def main():
         print(f"{name} = {value:.3f}  ({how})", flush=True)
 
     if "cli" in parts and not args.tiny:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        cold = cli_video(files, "720p", folder / "cli-cold.mp4", env)
+        row("user_first_video_cold_cache_720p_s", cold, "the same on a new machine: kernels compiled on first use")
         t = [cli_video(files, "720p", folder / f"cli{i}.mp4", env) for i in range(args.repeats)]
         row("user_first_video_720p_s", median(t), f"turbowan generate 720p 81f, runs {', '.join(f'{x:.1f}' for x in t)}")
 
@@ -232,6 +234,8 @@ def main():
             for res in ("720p", "480p"):
                 runs = [one_video(high, low, vae, files, res, device, frames, folder / f"api-{res}-{i}.mp4")
                         for i in range(args.repeats + 1)]
+                if res == "720p":
+                    row("user_first_video_in_process_720p_s", runs[0]["total_s"], "API, first video (uploads)")
                 for i, r in enumerate(runs):
                     print(f"api {res} run {i}: {r['total_s']:.2f} s, steps {[round(s, 2) for s in r['steps_s']]}, "
                           f"tail {r['tail_s']:.2f} s, peak {r['peak_gb']:.1f} GB", flush=True)

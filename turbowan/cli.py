@@ -226,6 +226,8 @@ def cmd_generate(args, progress: StageProgress) -> int:
             progress=progress, device=device, on_frames=lambda i, start, chunk: writers[i].write(chunk),
         )  # [S, F, H, W, 3] in [0, 1]
         for i, (writer, path) in enumerate(zip(writers, outputs)):
+            if writer.frames_written == 0:  # a pipeline that hands out no chunks: write the returned frames
+                writer.write(frames[i])
             writer.close()
             progress.written.append(path)
             progress("write", i + 1, len(outputs))

@@ -1,9 +1,17 @@
 """Frames -> a video file (mp4 H.264, webm VP9 or gif), shared by the CLI and the ComfyUI save node.
 
-`write_video(frames, path, fps=16, format=None, quality=8, loop=True, metadata=None)` (format: from the extension):
+`write_video(frames, path, fps=16, format=None, quality=8, loop=True, metadata=None)` (format: from the extension)
+writes a whole clip; `VideoWriter(path, ...)` takes the same settings and accepts the clip chunk by chunk, encoding
+in a background thread while the caller produces the next chunk (the VAE decodes 4 frames per latent frame), so
+that little is left to do once the last frame arrives:
+
+    with VideoWriter("out.mp4", fps=16) as writer:
+        for chunk in chunks:           # [t, H, W, 3] each
+            writer.write(chunk)        # returns at once unless the encoder is 32 frames behind
+    # leaving the block closes it: flush, then rename into place; an exception aborts it instead
 
 * ``frames``: [T, H, W, 3] float in [0, 1] (numpy or torch, any device; clipped) or uint8.
-* mp4: H.264 (libx264), yuv420p, +faststart so browsers can play it while it downloads. yuv420p needs even
+* mp4: H.264 (libx264, preset and threads chosen in bench/VIDEO_WRITE.md), yuv420p, +faststart so browsers can play it while it downloads. yuv420p needs even
   width and height: an odd size is **padded** by one pixel (the last row / column repeated), never cropped,
   so no generated pixel is lost. webm: VP9 (libvpx-vp9), yuv420p, constant-quality mode, same padding.
   gif: Pillow, one adaptive palette per frame (Floyd-Steinberg dithering), any size; GIF delays count in
@@ -14,12 +22,15 @@
 * ``metadata``: optional text tags for mp4 / webm (ComfyUI stores its prompt and workflow JSON there).
 
 The file is written to a temporary name in the destination folder and moved into place with `os.replace`,
-so an error or an interrupt never leaves a half-written video under the final name.
+so an error or an interrupt never leaves a half-written video under the final name; after a failure or an
+abort the temporary file is removed too.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import uuid
 from fractions import Fraction
 from pathlib import Path
@@ -32,6 +43,10 @@ from .options import VIDEO_FORMATS
 # (CRF at quality 10, CRF at quality 0) per container
 _CRF_RANGE = {"mp4": (12, 40), "webm": (15, 55)}
 _CODEC = {"mp4": "libx264", "webm": "libvpx-vp9"}
+# libx264 speed at equal quality (bench/VIDEO_WRITE.md): "faster" at the same CRF gives the same size and
+# PSNR as the default "medium" in 0.6-0.7 of the time; frame threads scale past a few cores, slice threads don't
+_X264_PRESET = "faster"
+_X264_THREADS = "FRAME"
 
 
 def crf_for(format: str, quality: int) -> int:
@@ -45,12 +60,16 @@ def gif_colors(quality: int) -> int:
     return int(min(256, round(16 + 240 * quality / 8)))
 
 
-def to_uint8_frames(frames) -> np.ndarray:
-    """[T, H, W, 3] float in [0, 1] or uint8 (numpy / torch) -> contiguous uint8 numpy [T, H, W, 3]."""
+def to_uint8_frames(frames, copy: bool = False) -> np.ndarray:
+    """[T, H, W, 3] float in [0, 1] or uint8 (numpy / torch) -> contiguous uint8 numpy [T, H, W, 3].
+
+    ``copy``: never return a view of the caller's memory (uint8 input is copied too)."""
     if hasattr(frames, "detach"):  # torch tensor, possibly on a GPU or in bf16
         t = frames.detach()
         if t.is_floating_point():
-            t = t.float()
+            # rounded on the tensor's own device (same float32 arithmetic as below): a GPU chunk then
+            # crosses the bus as uint8, a quarter of float32
+            t = (t.float().clamp(0.0, 1.0) * 255.0 + 0.5).byte()
         frames = t.cpu().numpy()
     arr = np.asarray(frames)
     if arr.ndim != 4 or arr.shape[-1] != 3:
@@ -58,7 +77,7 @@ def to_uint8_frames(frames) -> np.ndarray:
     if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
         raise ValueError(f"frames must hold at least one non-empty frame, got shape {tuple(arr.shape)}")
     if arr.dtype == np.uint8:
-        return np.ascontiguousarray(arr)
+        return arr.copy(order="C") if copy else np.ascontiguousarray(arr)
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"frames must be float in [0, 1] or uint8, got dtype {arr.dtype}")
     # round to nearest, as 8-bit image writers do
@@ -66,11 +85,11 @@ def to_uint8_frames(frames) -> np.ndarray:
 
 
 def pad_to_even(frames: np.ndarray) -> np.ndarray:
-    """Repeat the last row / column once where height / width is odd (yuv420p needs even sizes)."""
-    _, h, w, _ = frames.shape
+    """[..., H, W, 3]: repeat the last row / column once where H / W is odd (yuv420p needs even sizes)."""
+    h, w = frames.shape[-3:-1]
     if h % 2 == 0 and w % 2 == 0:
         return frames
-    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    return np.pad(frames, ((0, 0),) * (frames.ndim - 3) + ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
 def write_video(
@@ -83,65 +102,204 @@ def write_video(
     metadata: Optional[Mapping[str, str]] = None,
 ) -> str:
     """Write ``frames`` to ``path`` and return the path (as str). ``format`` defaults to the file extension."""
-    path = Path(path)
-    fmt = (format or path.suffix.lstrip(".") or "mp4").lower()
-    if fmt not in VIDEO_FORMATS:
-        raise ValueError(f"video format must be one of {VIDEO_FORMATS}, got {fmt!r}")
-    if not 0 <= quality <= 10:
-        raise ValueError(f"quality must be between 0 and 10 (10 = best), got {quality}")
-    if not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    pixels = to_uint8_frames(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(path, fps, format, quality, loop, metadata) as writer:
+        writer.write(frames)
+    return writer.close()
 
-    # a unique hidden name beside the target; created by the writer itself, so it gets the usual permissions
-    tmp = str(path.parent / f".{path.stem}.{uuid.uuid4().hex[:12]}.part.{fmt}")
-    try:
-        if fmt == "gif":
-            _write_gif(pixels, tmp, fps, quality, loop)
+
+_END = object()  # queued by close() / abort(): no more frames
+
+
+class VideoWriter:
+    """Streaming `write_video`: ``write()`` chunks of frames as they are made, ``close()`` to finish the file.
+
+    ``write(chunk)`` takes [t, H, W, 3] like ``write_video``'s ``frames`` (the first chunk fixes the frame size),
+    rounds it to uint8 (on the tensor's device for torch) and queues it; a background thread converts to
+    yuv420p and encodes. Up to ``max_queued_frames`` frames wait in the queue; beyond that ``write()`` waits
+    for the encoder, so memory stays bounded. ``close()`` flushes the encoder, moves the file into place and
+    returns its path: everything else already happened during the writes, so timing ``close()`` gives the
+    "tail" a caller waits for after its last frame. ``abort()`` drops what is queued and removes the
+    temporary file. An error in the encoder thread is raised again from the next ``write()`` or from
+    ``close()``, with no file left under either name. As a context manager, leaving the block closes the
+    writer, or aborts it if an exception is leaving.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], fps: float = 16, format: Optional[str] = None,
+                 quality: int = 8, loop: bool = True, metadata: Optional[Mapping[str, str]] = None,
+                 max_queued_frames: int = 32):
+        self.path = Path(path)
+        self.format = (format or self.path.suffix.lstrip(".") or "mp4").lower()
+        if self.format not in VIDEO_FORMATS:
+            raise ValueError(f"video format must be one of {VIDEO_FORMATS}, got {self.format!r}")
+        if not 0 <= quality <= 10:
+            raise ValueError(f"quality must be between 0 and 10 (10 = best), got {quality}")
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.fps, self.quality, self.loop, self.metadata = fps, quality, loop, metadata
+        # a unique hidden name beside the target; created by the encoder itself, so it gets the usual permissions
+        self._tmp = self.path.parent / f".{self.path.stem}.{uuid.uuid4().hex[:12]}.part.{self.format}"
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued_frames)
+        self._cancel = threading.Event()
+        self._thread: Optional[threading.Thread] = None  # started by the first chunk, which fixes the size
+        self._size: Optional[tuple] = None
+        self._error: Optional[BaseException] = None
+        self._state = "open"  # -> "closed" (file in place) or "aborted" (nothing left)
+        self.frames_written = 0
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self._state == "open":
+            self.close()
         else:
-            _write_av(pixels, tmp, fmt, fps, quality, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return str(path)
+            self.abort()  # does nothing once closed or aborted
+
+    def write(self, frames) -> None:
+        """Queue a chunk [t, H, W, 3] (float in [0, 1] or uint8, numpy or torch); raises the encoder's error."""
+        if self._state != "open":
+            raise ValueError(f"this video writer is already {self._state}")
+        self._raise_encoder_error()
+        # a copy: the encoder reads it later, after the caller may have reused its buffer
+        pixels = to_uint8_frames(frames, copy=True)
+        size = pixels.shape[1:3]
+        if self._size is None:
+            self._start(size)
+        elif size != self._size:
+            raise ValueError(f"every chunk must hold frames of the first chunk's size {self._size[1]}x{self._size[0]} "
+                             f"(W x H), got {size[1]}x{size[0]}")
+        for image in pixels:  # per frame, so the queue bound is in frames and an abort stops within a frame
+            self._queue.put(image)
+        self.frames_written += len(pixels)
+        self._raise_encoder_error()
+
+    def close(self) -> str:
+        """Finish the file and move it into place; return its path (as str). Waits for the queued frames."""
+        if self._state == "closed":
+            return str(self.path)
+        if self._state == "aborted":
+            raise ValueError("this video writer was aborted")
+        if self._thread is None:
+            self.abort()
+            raise ValueError("no frames were written")
+        self._queue.put(_END)
+        self._thread.join()
+        self._raise_encoder_error()
+        try:
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "closed"
+        return str(self.path)
+
+    def abort(self) -> None:
+        """Stop encoding and remove the temporary file; the final name is never touched. Safe to repeat."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._cancel.set()
+        if self._thread is not None:
+            if self._thread.is_alive():
+                # the thread drops frames once cancelled, so this put never waits long; close() may
+                # already have queued _END, and then the thread is finishing or gone
+                self._queue.put(_END)
+            self._thread.join()
+        self._tmp.unlink(missing_ok=True)
+
+    def _start(self, size: tuple) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._size = size
+        self._thread = threading.Thread(target=self._encode_queued, name="turbowan-video-writer", daemon=True)
+        self._thread.start()
+
+    def _raise_encoder_error(self) -> None:
+        if self._error is not None:
+            self.abort()
+            raise self._error
+
+    def _encode_queued(self) -> None:
+        """The encoder thread: frames from the queue into the temporary file, until _END."""
+        encoder = image = None
+        try:
+            while (image := self._queue.get()) is not _END:
+                if self._cancel.is_set():
+                    continue  # aborted: drop what is queued, until _END
+                if encoder is None:
+                    encoder = _ENCODERS[self.format](self, str(self._tmp), self._size)
+                encoder.add(image)
+            if not self._cancel.is_set():
+                encoder.finish()
+        except BaseException as error:  # KeyboardInterrupt included: raised again in the caller's thread
+            self._error = error
+            self._cancel.set()
+            while image is not _END:  # keep taking frames, so that a write() never blocks on a full queue
+                image = self._queue.get()
+        finally:
+            if encoder is not None:
+                encoder.close()
 
 
-def _write_av(pixels: np.ndarray, dest: str, fmt: str, fps: float, quality: int,
-              metadata: Optional[Mapping[str, str]]) -> None:
-    import av
+class _AvEncoder:
+    """mp4 (libx264) / webm (libvpx-vp9) through PyAV, yuv420p, odd sizes padded."""
 
-    pixels = pad_to_even(pixels)
-    _, h, w, _ = pixels.shape
-    # mp4 keeps arbitrary tags only with use_metadata_tags; faststart moves the index to the front
-    options = {"movflags": "use_metadata_tags+faststart"} if fmt == "mp4" else {}
-    with av.open(dest, mode="w", format=fmt, options=options) as container:
-        for key, value in (metadata or {}).items():
-            container.metadata[key] = value
-        stream = container.add_stream(_CODEC[fmt], rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = w, h
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf_for(fmt, quality))}
-        if fmt == "webm":
-            stream.bit_rate = 0  # libvpx: CRF alone sets the quality (constant-quality mode)
-        for image in pixels:
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():  # flush delayed frames
-            container.mux(packet)
+    def __init__(self, writer: VideoWriter, dest: str, size: tuple):
+        import av
+
+        fmt = writer.format
+        # mp4 keeps arbitrary tags only with use_metadata_tags; faststart moves the index to the front
+        options = {"movflags": "use_metadata_tags+faststart"} if fmt == "mp4" else {}
+        self.container = av.open(dest, mode="w", format=fmt, options=options)
+        try:
+            for key, value in (writer.metadata or {}).items():
+                self.container.metadata[key] = value
+            self.stream = self.container.add_stream(_CODEC[fmt], rate=Fraction(writer.fps).limit_denominator(1000))
+            self.stream.height, self.stream.width = (n + n % 2 for n in size)
+            self.stream.pix_fmt = "yuv420p"
+            crf = crf_for(fmt, writer.quality)
+            if fmt == "mp4":
+                self.stream.options = {"crf": str(crf), "preset": _X264_PRESET}
+                self.stream.codec_context.thread_type = _X264_THREADS
+            else:
+                self.stream.options = {"crf": str(crf)}
+                self.stream.bit_rate = 0  # libvpx: CRF alone sets the quality (constant-quality mode)
+        except BaseException:
+            self.container.close()
+            raise
+
+    def add(self, image: np.ndarray) -> None:
+        import av
+
+        frame = av.VideoFrame.from_ndarray(pad_to_even(image), format="rgb24")
+        self.container.mux(self.stream.encode(frame))
+
+    def finish(self) -> None:
+        self.container.mux(self.stream.encode())  # flush delayed frames
+
+    def close(self) -> None:
+        self.container.close()
 
 
-def _write_gif(pixels: np.ndarray, dest: str, fps: float, quality: int, loop: bool) -> None:
-    from PIL import Image
+class _GifEncoder:
+    """Pillow: frames quantized as they come (the slow part), the file written by finish()."""
 
-    colors = gif_colors(quality)
-    images = [
-        Image.fromarray(image).quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
-        for image in pixels
-    ]
-    # GIF delays are in 1/100 s; Pillow takes milliseconds and rounds to 10 ms
-    extra = {"loop": 0} if loop else {}
-    images[0].save(dest, format="GIF", save_all=True, append_images=images[1:], duration=1000.0 / fps,
-                   disposal=1, optimize=False, **extra)
+    def __init__(self, writer: VideoWriter, dest: str, size: tuple):
+        self.writer, self.dest, self.images = writer, dest, []
+
+    def add(self, image: np.ndarray) -> None:
+        from PIL import Image
+
+        self.images.append(Image.fromarray(image).quantize(
+            colors=gif_colors(self.writer.quality), method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG))
+
+    def finish(self) -> None:
+        # GIF delays are in 1/100 s; Pillow takes milliseconds and rounds to 10 ms
+        extra = {"loop": 0} if self.writer.loop else {}
+        self.images[0].save(self.dest, format="GIF", save_all=True, append_images=self.images[1:],
+                            duration=1000.0 / self.writer.fps, disposal=1, optimize=False, **extra)
+
+    def close(self) -> None:
+        self.images.clear()
+
+
+_ENCODERS = {"mp4": _AvEncoder, "webm": _AvEncoder, "gif": _GifEncoder}

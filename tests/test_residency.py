@@ -160,7 +160,7 @@ def test_ring_raises_a_failed_copy():
     ring = StagingRing(torch.device("cpu"), slot_bytes=16, slots=1, threads=1)
     try:
         ring.buffers[0] = torch.empty(0, dtype=torch.uint8)  # too small for any chunk: the copy fails
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError):
             ring.upload([torch.ones(8)]).wait()
     finally:
         ring.close()

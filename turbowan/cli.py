@@ -158,7 +158,7 @@ def cmd_generate(args, progress: StageProgress) -> int:
     import torch
 
     import turbowan
-    from .devices import pick_device
+    from .devices import pick_device, warm_up_in_background
     from .pipeline import check_num_frames, target_size
 
     # 1. everything that can be refused without loading a model
@@ -182,8 +182,7 @@ def cmd_generate(args, progress: StageProgress) -> int:
         check_sla_topk(args.sla_topk, args.frames, width, height)
     outputs = output_paths(args.output, args.samples)
     device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    warm_up_in_background(device)  # CUDA context and Triton import, while the files are read
 
     # 2. text embedding (first, so the text encoder is gone before the experts arrive)
     progress.restart_clock()
@@ -209,6 +208,8 @@ def cmd_generate(args, progress: StageProgress) -> int:
     progress("load", 2, 3)
     vae = turbowan.load_vae(files["vae"], device="cpu", dtype=dtype)
     progress("load", 3, 3)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if device.type == "cpu" and high.config.dim >= 5120:
         logging.getLogger("turbowan").warning("turbowan: the 14B experts take hours on a CPU; use a CUDA GPU")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -44,3 +46,21 @@ def free_cuda_bytes(device: torch.device) -> int:
     if fraction < 1.0:
         available = min(available, int(fraction * total) - allocated)
     return max(0, available)
+
+
+def warm_up_in_background(device: torch.device) -> Optional[threading.Thread]:
+    """Start the one-off setup a process pays before its first CUDA work (the CUDA context, importing Triton) in
+    a background thread, so that it overlaps reading the model files instead of delaying the first stage."""
+    if device.type != "cuda":
+        return None
+
+    def work():
+        with contextlib.suppress(Exception):  # the run itself reports any problem, in its own words
+            torch.empty(1, device=device)
+            from .kernels import triton_runnable
+
+            triton_runnable()
+
+    thread = threading.Thread(target=work, name="turbowan-warm-up", daemon=True)
+    thread.start()
+    return thread

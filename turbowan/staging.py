@@ -23,6 +23,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 SLOT_BYTES = 64 << 20
@@ -30,8 +31,8 @@ SLOTS = 8
 
 
 def _default_threads() -> int:
-    # Enough memcpy threads to outrun the copy engine from the page cache; more only adds contention.
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    # Enough memcpy threads to keep ahead of the copy engine from the page cache, leaving cores for the rest.
+    return max(1, min(6, (os.cpu_count() or 2) // 2))
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,9 @@ class StagingRing:
                 self.events[slot].synchronize()  # the GPU has finished reading this slot's last chunk
             n = src.numel()
             staged = self.buffers[slot][:n]
-            staged.copy_(src)  # CPU memcpy (releases the GIL); faults in memory-mapped pages
+            # A single-threaded memcpy that releases the GIL (numpy's): torch's CPU copy would start an OpenMP team
+            # in every worker and starve the thread that launches the GPU work. Faults in memory-mapped pages.
+            np.copyto(staged.numpy(), src.numpy())
             if self.cuda:
                 with torch.cuda.stream(self.stream):
                     dst.copy_(staged, non_blocking=True)

@@ -165,7 +165,8 @@ def one_video(high, low, vae, files, res, device, frames, out: Path) -> dict:
     text = turbowan.pipeline.read_text_embedding(files["text"])
     with VideoWriter(out, fps=16) as writer:
         turbowan.generate_i2v(high, low, vae, image, text, num_frames=frames, width=w, height=h, seed=0, device=device,
-                              progress=clock, on_frames=lambda i, start, chunk: writer.write(chunk))
+                              progress=clock, on_frames=lambda i, start, chunk: writer.write(chunk),
+                              return_frames=False)
         t_closing = time.perf_counter()
     t_end = time.perf_counter()
     steps = clock.steps()

@@ -225,9 +225,10 @@ def cmd_generate(args, progress: StageProgress) -> int:
             adaptive_resolution=args.adaptive, width=args.width, height=args.height, boundary=args.boundary,
             sigma_max=args.sigma_max, seed=args.seed, ode=args.ode, num_samples=args.samples,
             progress=progress, device=device, on_frames=lambda i, start, chunk: writers[i].write(chunk),
-        )  # [S, F, H, W, 3] in [0, 1]
+            return_frames=False,
+        )
         for i, (writer, path) in enumerate(zip(writers, outputs)):
-            if writer.frames_written == 0:  # a pipeline that hands out no chunks: write the returned frames
+            if writer.frames_written == 0 and frames is not None:  # a pipeline that hands out no chunks
                 writer.write(frames[i])
             writer.close()
             progress.written.append(path)
@@ -243,7 +244,7 @@ def cmd_generate(args, progress: StageProgress) -> int:
         peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB allocated / "
                 f"{torch.cuda.max_memory_reserved(device) / 1e9:.1f} GB reserved")
     names = ", ".join(str(p) for p in outputs)
-    _, n, h, w, _ = frames.shape
+    n, w, h = args.frames, width, height
     int8 = f", int8 {high.quant}" if high.quant else ""
     print(f"wrote {names} ({n} frames, {w}x{h}, {args.fps:g} fps) on {device}{int8} in {progress.summary()}{peak}")
     return EXIT_OK

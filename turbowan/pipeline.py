@@ -194,7 +194,8 @@ def generate_i2v(
     one_expert_at_a_time: bool = False,
     keep_loaded: bool = True,
     on_frames: Optional[Callable[[int, int, torch.Tensor], None]] = None,
-) -> torch.Tensor:
+    return_frames: bool = True,
+) -> Optional[torch.Tensor]:
     """Generate ``num_samples`` videos from one image and one prompt embedding.
 
     Returns frames [num_samples, num_frames, H, W, 3] float32 in [0, 1] on the CPU.
@@ -208,7 +209,8 @@ def generate_i2v(
     leave when memory is needed or on `turbowan.release_all()` (False: everything goes back at the end).
     ``on_frames(sample, start, frames)`` gets each decoded chunk as soon as it is final ([t, H, W, 3] float in
     [0, 1] on the device, frames ``start .. start + t - 1`` of that sample): a video writer can encode while the
-    VAE decodes.
+    VAE decodes. ``return_frames=False`` returns None instead of copying the whole video to the CPU (for a
+    caller that takes the frames through ``on_frames``).
     """
     check_num_frames(num_frames)
     if num_samples < 1:
@@ -284,9 +286,10 @@ def generate_i2v(
         for i in range(num_samples):
             frames_hook = None if on_frames is None else (lambda start, chunk, i=i: on_frames(i, start, _to_rgb(chunk)[0]))
             video = vae.decode(samples[i : i + 1], progress=progress, tile=tile, on_frames=frames_hook)
-            videos.append(_to_rgb(video)[0].contiguous().cpu())  # [F, H, W, 3]
+            if return_frames:
+                videos.append(_to_rgb(video)[0].contiguous().cpu())  # [F, H, W, 3]
         ok = True
-        return torch.stack(videos)  # [S, F, H, W, 3]
+        return torch.stack(videos) if return_frames else None  # [S, F, H, W, 3]
     finally:
         place.finish(ok)
 

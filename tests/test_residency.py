@@ -164,3 +164,16 @@ def test_ring_raises_a_failed_copy():
             ring.upload([torch.ones(8)]).wait()
     finally:
         ring.close()
+
+
+def test_ring_reads_memory_mapped_weights_from_their_file(tmp_path):
+    torch.save({"w": torch.randn(64, 64)}, tmp_path / "m.pth")
+    mapped = torch.load(tmp_path / "m.pth", weights_only=True, mmap=True)["w"]
+    ring = StagingRing(torch.device("cpu"), slot_bytes=4096, slots=2, threads=1)
+    try:
+        if ring.files is None:
+            pytest.skip("no os.preadv on this platform: mapped weights are copied like any other")
+        assert ring._file_of(mapped.reshape(-1).view(torch.uint8)) is not None
+        assert ring._file_of(torch.randn(64, 64).reshape(-1).view(torch.uint8)) is None
+    finally:
+        ring.close()

@@ -205,6 +205,7 @@ def main():
     ap.add_argument("--parts", default="cli,api,stream,budget")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--save", help="write the figures to this json file too")
+    ap.add_argument("--next-720p", type=float, help="unlimited next-video time for the budget ratios (without --parts api)")
     args = ap.parse_args()
     device = torch.device(args.device)
     folder = Path(args.dir)
@@ -212,6 +213,8 @@ def main():
     files = write_files(folder, args.tiny, device)
     parts = args.parts.split(",")
     results, rows = {}, []
+    if args.next_720p:
+        results["_next_720p"] = args.next_720p
 
     def row(name, value, how):
         results[name] = value

@@ -320,3 +320,15 @@ def test_channels_last_layout_gives_the_same_video(vae_fp32, decoded_fp32, io, m
     monkeypatch.setattr(vae_module, "preferred_layout", lambda device: torch.channels_last_3d)
     assert torch.equal(vae_fp32.decode(io["latent_in"].float()), decoded_fp32)
     assert torch.equal(vae_fp32.encode(io["video_in"].float()), latents)
+
+
+def test_stream_runs_tile_the_vae_from_half_the_free_memory(vae_bf16, monkeypatch):
+    import turbowan.vae_tiling as tiling
+
+    grid, seen = (90, 160), []
+    monkeypatch.setattr(tiling, "free_cuda_bytes", lambda device: 8e9)
+    monkeypatch.setattr(tiling, "tile_for_budget", lambda vae, stage, g, budget, *a, **k: seen.append(budget))
+    monkeypatch.setattr(vae_bf16.__class__, "device", property(lambda self: torch.device("cuda")))
+    tiling.tile_for_run(vae_bf16, "decode", grid, "stream", torch.device("cuda"), 81)
+    tiling.tile_for_run(vae_bf16, "decode", grid, "resident", torch.device("cuda"), 81)
+    assert seen == [4e9, 0.9 * 8e9]

@@ -90,6 +90,16 @@ _vaes = _FileCache()
 _stock_vae_copies: "weakref.WeakKeyDictionary[object, WanVAE]" = weakref.WeakKeyDictionary()
 
 
+def _cached_load(cache: _FileCache, folder: str, name: str, options: tuple, load):
+    """``load(path)`` of a file in a ComfyUI models folder, through ``cache``; a bad file or option becomes the one
+    sentence ComfyUI's error dialog shows."""
+    path = folder_paths.get_full_path_or_raise(folder, name)
+    try:
+        return cache.get(path, options, lambda: load(path))
+    except ValueError as exc:  # ModelFileError and bad options
+        raise TurboWanError(str(exc)) from None
+
+
 def _identity_or_empty(folder: str, name: str):
     path = folder_paths.get_full_path(folder, name)
     return file_identity(path) if path else ""
@@ -140,17 +150,13 @@ class TurboWanModelLoader:
         return _identity_or_empty("diffusion_models", model_name)
 
     def load(self, model_name, attention_type="sla", sla_topk=0.1, execution_mode="auto", int8_compute="auto"):
-        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         if execution_mode not in EXECUTION_MODES:
             raise TurboWanError(f"execution_mode must be one of {EXECUTION_MODES}, got {execution_mode!r}")
         dtype = model_dtype()
         options = (attention_type, float(sla_topk), dtype, int8_compute)
-        try:
-            model = _experts.get(path, options, lambda: load_dit(
-                path, attention=attention_type, sla_topk=sla_topk, quant=int8_compute, device="cpu", dtype=dtype,
-                mode=execution_mode))
-        except ValueError as exc:  # ModelFileError and bad options: one sentence for the dialog
-            raise TurboWanError(str(exc)) from None
+        model = _cached_load(_experts, "diffusion_models", model_name, options, lambda path: load_dit(
+            path, attention=attention_type, sla_topk=sla_topk, quant=int8_compute, device="cpu", dtype=dtype,
+            mode=execution_mode))
         model.execution_mode = execution_mode  # read by the pipeline at run time: switching it needs no reload
         return (model,)
 
@@ -175,13 +181,8 @@ class TurboWanVAELoader:
         return _identity_or_empty("vae", vae_name)
 
     def load(self, vae_name):
-        path = folder_paths.get_full_path_or_raise("vae", vae_name)
-        try:
-            dtype = model_dtype()
-            vae = _vaes.get(path, (dtype,), lambda: load_vae(path, device="cpu", dtype=dtype))
-        except ValueError as exc:
-            raise TurboWanError(str(exc)) from None
-        return (vae,)
+        dtype = model_dtype()
+        return (_cached_load(_vaes, "vae", vae_name, (dtype,), lambda path: load_vae(path, device="cpu", dtype=dtype)),)
 
 
 class TurboWanLoadTextEmbedding:

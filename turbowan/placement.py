@@ -200,6 +200,8 @@ class Placement:
 
     def __init__(self, device: torch.device, before_load: Optional[Callable[[int, torch.device], None]] = None,
                  keep_loaded: bool = True):
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():  # "cuda" = "cuda:N"
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.before_load = before_load
         self.keep_loaded = keep_loaded

@@ -400,3 +400,18 @@ def test_save_prefix_cannot_escape_the_output_folder(comfy_env):
     with pytest.raises(nodes.TurboWanError, match="outside ComfyUI's output folder"):
         nodes.TurboDiffusionSaveVideo().save(torch.rand(2, 16, 16, 3), "../../escape", 16, "mp4", 8, True)
     assert not (comfy_env.parent / "escape_00001_.mp4").exists()
+
+
+def test_sampler_keeps_nothing_on_the_gpu_between_queues(comfy_env, image, monkeypatch):
+    # ComfyUI cannot evict what its model management does not know: each queue releases the experts at its end
+    seen = {}
+
+    def fake_generate(*args, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros(1, 5, 32, 32, 3)
+
+    monkeypatch.setattr(nodes, "generate_i2v", fake_generate)
+    high, low = load_experts()
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    run_sampler(high, low, vae, image)
+    assert seen["keep_loaded"] is False and seen["one_expert_at_a_time"] is True

@@ -187,7 +187,8 @@ def test_api_workflow_gives_every_required_input():
         if cls is None:
             continue
         spec = cls.INPUT_TYPES()
-        assert set(spec["required"]) == set(node["inputs"]), node["class_type"]
+        assert set(spec["required"]) <= set(node["inputs"]), node["class_type"]
+        assert set(node["inputs"]) <= set(spec["required"]) | set(spec.get("optional", {})), node["class_type"]
         for name, value in node["inputs"].items():
             if isinstance(value, list):  # a link: [node id, output slot]
                 assert value[0] in workflow
@@ -415,3 +416,27 @@ def test_sampler_keeps_nothing_on_the_gpu_between_queues(comfy_env, image, monke
     (vae,) = nodes.TurboWanVAELoader().load(VAE)
     run_sampler(high, low, vae, image)
     assert seen["keep_loaded"] is False and seen["one_expert_at_a_time"] is True
+
+
+# The original node's inputs (its API-format workflows give exactly these); everything we added is optional.
+ORIGINAL_INPUTS = {
+    "TurboWanModelLoader": {"model_name", "attention_type", "sla_topk"},
+    "TurboDiffusionI2VSampler": {"high_noise_model", "low_noise_model", "conditioning", "vae", "image", "num_frames",
+                                 "num_steps", "resolution", "aspect_ratio", "boundary", "sigma_max", "seed",
+                                 "use_ode"},
+    "TurboDiffusionSaveVideo": {"frames", "filename_prefix", "fps", "format", "quality", "loop"},
+}
+
+
+def test_inputs_added_after_the_original_node_are_optional():
+    for name, original in ORIGINAL_INPUTS.items():
+        assert set(nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"]) == original, name
+
+
+def test_original_node_inputs_alone_run(comfy_env, image):
+    (high,) = nodes.TurboWanModelLoader().load(HIGH, "original", 0.1)
+    (low,) = nodes.TurboWanModelLoader().load(LOW, "original", 0.1)
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    frames, _ = nodes.TurboDiffusionI2VSampler().generate(high, low, conditioning(), vae, image, 5, 4, "480", "16:9",
+                                                          0.9, 200.0, 0, False)
+    assert frames.shape[0] == 5 and bool(torch.isfinite(frames).all())

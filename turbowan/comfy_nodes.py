@@ -124,6 +124,9 @@ class TurboWanModelLoader:
                 "sla_topk": ("FLOAT", {
                     "default": 0.1, "min": 0.01, "max": 1.0, "step": 0.01,
                     "tooltip": "Fraction of key blocks each query block attends to exactly (sla / sagesla)."}),
+            },
+            # added after the original node: optional, so its API-format workflows (which lack them) still run
+            "optional": {
                 "execution_mode": (list(EXECUTION_MODES), {
                     "default": "auto",
                     "tooltip": "Where the expert's weights live on the GPU (the high-noise loader's choice applies "
@@ -329,6 +332,9 @@ class TurboDiffusionI2VSampler:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
                 "use_ode": ("BOOLEAN", {
                     "default": False, "tooltip": "ODE sampling: sharper but less robust than the default SDE."}),
+            },
+            # added after the original node: optional, so its API-format workflows (which lack them) still run
+            "optional": {
                 "adaptive_resolution": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Keep the preset's pixel count but follow the input image's aspect ratio."}),

@@ -80,3 +80,13 @@ def decode(path) -> Decoded:
         frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
         return Decoded(frames, stream.codec_context.name, stream.codec_context.pix_fmt, stream.average_rate,
                        dict(container.metadata))
+
+
+# The original node's inputs (its API-format workflows give exactly these); everything we added is optional.
+ORIGINAL_INPUTS = {
+    "TurboWanModelLoader": {"model_name", "attention_type", "sla_topk"},
+    "TurboDiffusionI2VSampler": {"high_noise_model", "low_noise_model", "conditioning", "vae", "image", "num_frames",
+                                 "num_steps", "resolution", "aspect_ratio", "boundary", "sigma_max", "seed",
+                                 "use_ode"},
+    "TurboDiffusionSaveVideo": {"frames", "filename_prefix", "fps", "format", "quality", "loop"},
+}

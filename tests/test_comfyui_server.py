@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import REPO, decode
+from helpers import ORIGINAL_INPUTS, REPO, decode
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the real-server test")
 
@@ -195,6 +195,21 @@ def test_api_workflow_runs_end_to_end(server):
     video = decode(saved_video(server, entry))
     frames, codec = video.frames, video.codec
     assert codec == "h264" and len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
+
+
+def test_original_node_api_workflow_runs_unchanged(server):
+    # scripts written for the original node queue only its inputs: ours added since must not be required
+    prompt = tiny_prompt()
+    for node in prompt.values():
+        original = ORIGINAL_INPUTS.get(node["class_type"])
+        if original is not None:
+            node["inputs"] = {k: v for k, v in node["inputs"].items() if k in original}
+        if node["class_type"] == "TurboDiffusionI2VSampler":
+            node["inputs"].update(resolution="480", aspect_ratio="1:1")  # the smallest preset: 480x480
+    entry = server.wait_done(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", server.log_text()
+    frames = decode(saved_video(server, entry)).frames
+    assert len(frames) == FRAMES and frames[0].shape == (480, 480, 3)
 
 
 def test_second_queue_reuses_the_loaded_models(server):

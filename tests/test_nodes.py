@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, decode
+from helpers import ORIGINAL_INPUTS, REPO, decode
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS / "comfy_double"))  # ComfyUI's module names resolve to the double
@@ -418,14 +418,6 @@ def test_sampler_keeps_nothing_on_the_gpu_between_queues(comfy_env, image, monke
     assert seen["keep_loaded"] is False and seen["one_expert_at_a_time"] is True
 
 
-# The original node's inputs (its API-format workflows give exactly these); everything we added is optional.
-ORIGINAL_INPUTS = {
-    "TurboWanModelLoader": {"model_name", "attention_type", "sla_topk"},
-    "TurboDiffusionI2VSampler": {"high_noise_model", "low_noise_model", "conditioning", "vae", "image", "num_frames",
-                                 "num_steps", "resolution", "aspect_ratio", "boundary", "sigma_max", "seed",
-                                 "use_ode"},
-    "TurboDiffusionSaveVideo": {"frames", "filename_prefix", "fps", "format", "quality", "loop"},
-}
 
 
 def test_inputs_added_after_the_original_node_are_optional():

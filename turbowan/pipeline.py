@@ -253,7 +253,7 @@ def generate_i2v(
     """Generate ``num_samples`` videos from one image and one prompt embedding.
 
     Returns frames [num_samples, num_frames, H, W, 3] float32 in [0, 1] on the CPU.
-    ``image``: PIL image, or [H, W, 3] / [1, H, W, 3] float in [0, 1] (ComfyUI IMAGE).
+    ``image``: PIL image, an image file path, or [H, W, 3] / [1, H, W, 3] float in [0, 1] (ComfyUI IMAGE).
     ``text_embedding``: [1, L, 4096] umT5-xxl output (padded or cut to 512 rows).
     ``progress(stage, done, total)`` is called after each VAE chunk and each sampling step; raising from it
     cancels the run (models are moved back all the same).

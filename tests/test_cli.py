@@ -5,8 +5,11 @@ real `python -m turbowan` exit path)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +46,28 @@ def generate_args(tiny, out, **overrides):
 
 
 def error_lines(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    """stderr without the plain progress lines (stderr is not a terminal under pytest)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("progress:")]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if a model is loaded: a refusal must come before any work."""
+    import turbowan
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    for name in ("load_dit", "load_vae"):
+        monkeypatch.setattr(turbowan, name, fail)
+    monkeypatch.setattr("turbowan.demo.build_demo_models", fail)
+
+
+def assert_refused(capsys, argv, *words):
+    """The command ends with exit 2 and one line ``error: ...`` holding ``words``."""
+    assert cli.main([str(a) for a in argv]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("error:") and all(w in line for w in words), line
 
 
 def test_generate_writes_mp4_with_requested_frames_and_size(tiny, tmp_path, capsys):
@@ -227,3 +251,137 @@ def test_demo_writes_a_playable_video(tmp_path, capsys):
     assert decode(out).frames.shape == (DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH, 3)
     text = capsys.readouterr().out
     assert "RANDOM weights" in text and "released model files" in text
+
+
+# -- issue 12: refused before any work, one line, exit 2 --------------------------------------------------------
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder this process cannot write in: a read-only one, or /sys for root (who may write anywhere else)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+        yield folder
+        folder.chmod(0o700)
+    elif os.path.isdir("/sys"):
+        yield Path("/sys")
+    else:
+        pytest.skip("no folder that root cannot write")
+
+
+def test_unwritable_output_is_refused_before_loading(tiny, tmp_path, capsys, no_loading, read_only_folder):
+    assert_refused(capsys, generate_args(tiny, read_only_folder / "clip.mp4"), "-o", "cannot be written")
+    assert_refused(capsys, ["demo", "-o", read_only_folder / "demo.mp4"], "cannot be written")
+    assert not list(read_only_folder.glob("*.probe")) and not list(read_only_folder.glob("*.mp4"))
+
+
+def test_output_whose_folder_cannot_be_created_is_refused_before_loading(tiny, tmp_path, capsys, no_loading):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should be")
+    assert_refused(capsys, generate_args(tiny, blocker / "sub" / "clip.mp4"), "-o", "cannot be written")
+    assert_refused(capsys, ["demo", "-o", blocker / "demo.mp4"], "cannot be written")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a size and holds no pixels: Pillow reads the size from this header alone."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [10000, 15000])  # over Pillow's warning limit, and over its error limit
+def test_huge_image_is_refused_in_one_line_before_loading(tiny, tmp_path, capsys, no_loading, side):
+    image = tmp_path / "huge.png"
+    image.write_bytes(png_header(side, side))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's two-line DecompressionBombWarning would fail the test
+        assert_refused(capsys, generate_args(tiny, tmp_path / "clip.mp4", **{"--image": image}),
+                       "--image", "megapixels", "downscale")
+
+
+def test_cpu_run_that_would_not_fit_in_memory_is_refused_with_the_estimate(tiny, tmp_path, capsys, monkeypatch,
+                                                                          no_loading):
+    monkeypatch.setattr("turbowan.pipeline.available_ram_bytes", lambda: 16 * 10**9)
+    argv = generate_args(tiny, tmp_path / "clip.mp4", **{"--frames": 10001, "--width": 1280, "--height": 720})
+    assert_refused(capsys, argv, "needs about", "GB", "fewer frames")
+
+
+@pytest.mark.parametrize("option, value", [("--steps", 0), ("--steps", 5), ("--seed", 2**64), ("--seed", -1),
+                                           ("--sigma-max", "nan"), ("--sigma-max", "inf"), ("--sigma-max", 0),
+                                           ("--boundary", "nan"), ("--boundary", 1.5), ("--fps", 0),
+                                           ("--fps", "nan"), ("--fps", "inf"), ("--quality", 11), ("--samples", 0)])
+def test_out_of_range_number_is_refused_naming_its_option(tiny, tmp_path, capsys, no_loading, option, value):
+    assert_refused(capsys, generate_args(tiny, tmp_path / "clip.mp4", **{option: value}), option)
+    assert list(tmp_path.glob("*.mp4")) == []
+
+
+def test_largest_seed_is_accepted(tiny, tmp_path):
+    assert cli.main(generate_args(tiny, tmp_path / "clip.mp4", **{"--seed": 2**64 - 1, "--steps": 1})) == 0
+
+
+def test_device_that_cannot_run_the_models_is_refused_in_one_line(tiny, tmp_path, capsys, no_loading):
+    assert_refused(capsys, generate_args(tiny, tmp_path / "clip.mp4", **{"--device": "meta"}), "--device", "meta")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_during_the_write_leaves_no_partial_file(tiny, tmp_path, monkeypatch, capsys, signum):
+    real = av.VideoFrame.from_ndarray
+    calls = []
+
+    def from_ndarray(*args, **kwargs):  # the signal arrives after a few frames went into the file
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", from_ndarray)
+    assert cli.main(generate_args(tiny, tmp_path / "clip.mp4")) == 128 + signum
+    assert [p.name for p in tmp_path.iterdir()] == ["prompt.safetensors"]  # no clip.mp4, no .part file
+    (line,) = error_lines(capsys)
+    assert line.startswith("terminated by SIG")
+    assert signal.getsignal(signum) is not None and signal.getsignal(signum).__module__ != cli.__name__
+
+
+def test_plain_progress_lines_per_unit_when_stderr_is_not_a_terminal(capsys):
+    progress = cli.StageProgress()
+    progress("sample", 1, 4)
+    progress("sample", 2, 4)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" in ")[0] for line in lines] == ["progress: sampling 1/4", "progress: sampling 2/4"]
+    assert all(line.endswith(" s)") for line in lines)
+
+
+def test_a_long_unit_still_reports_every_few_seconds(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "TICK_SECONDS", 0.05)
+    progress = cli.StageProgress()
+    progress.begin("sample", 4)
+    time.sleep(0.4)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("progress: sampling 0/4 running") for line in lines)
+
+
+def test_cpu_run_uses_no_more_threads_than_cpus_it_may_use(monkeypatch):
+    from turbowan import devices
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(devices, "cpu_count_available", lambda: 1)
+    saved = torch.get_num_threads()
+    try:
+        devices.set_cpu_threads()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(saved)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+        devices.set_cpu_threads()
+        assert torch.get_num_threads() == saved
+    finally:
+        torch.set_num_threads(saved)

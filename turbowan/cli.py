@@ -6,7 +6,9 @@
 
 A thin adapter over the `turbowan` package (loaders, `generate_i2v`, `write_video`): it finds the model
 files, shows a progress bar per stage, and prints a one-line summary. Exit codes: 0 done, 2 bad input or a
-model file that does not fit its slot (one line ``error: ...``), 130 interrupted (Ctrl-C; no partial file).
+model file that does not fit its slot (one line ``error: ...``), 130 interrupted (Ctrl-C), 143 / 129 stopped by
+SIGTERM / SIGHUP (no partial file either way). When stderr is not a terminal (a log, a service) progress comes as
+plain ``progress: ...`` lines, one per stage unit and one every few seconds while a unit runs.
 """
 
 from __future__ import annotations
@@ -16,16 +18,24 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 from .options import (ASPECT_RATIOS, ATTENTION_KINDS, EXECUTION_MODES, QUANT_MODES, RESOLUTIONS, VIDEO_FORMATS,
                       latent_tokens)
+from .video import check_writable
 from .model_files import MODEL_SLOTS, SLOTS_BY_KEY, find_model_files, missing_slot_error, resolve_model_files
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+TICK_SECONDS = 5.0  # a running stage reports at least this often (plain lines; a bar's clock every second)
+# the pipeline's parameter names as this command's options, for its refusals
+OPTION_NAMES = {"num_frames": "--frames", "num_steps": "--steps", "seed": "--seed", "sigma_max": "--sigma-max",
+                "boundary": "--boundary", "num_samples": "--samples"}
+MAX_FPS = 240
 
 
 # -- progress ---------------------------------------------------------------------------------------------
@@ -38,15 +48,20 @@ class StageProgress:
     """A tqdm bar per stage and the wall time of each stage; callable as the pipeline's progress hook.
 
     Each call ``(stage, done, total)`` charges the time since the previous call to ``stage``, so waits
-    between stages (moving a model to the GPU) count towards the stage they precede.
+    between stages (moving a model to the GPU) count towards the stage they precede. A ticker thread keeps a
+    long unit (a 20 s step) visibly alive: it refreshes the bar's clock, or prints a plain line every
+    ``TICK_SECONDS`` when stderr is not a terminal, where each finished unit also gets a line with its time.
     """
 
     def __init__(self, enabled: Optional[bool] = None):
-        self.enabled = enabled  # None: bars only when stderr is a terminal (tqdm's rule)
+        self.enabled = enabled  # None: bars on a terminal, plain lines otherwise
+        self.plain = enabled is None and not sys.stderr.isatty()
         self.times: dict[str, float] = {}
         self.written: list[Path] = []  # finished output files (kept if the run is interrupted later)
         self.bar = None
         self.stage: Optional[str] = None
+        self._ticker: Optional[threading.Thread] = None
+        self._stop_ticker = threading.Event()
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -64,6 +79,10 @@ class StageProgress:
         if self.bar is None or stage != self.stage or done <= self.bar.n:
             self.close()
             self._open(stage, total)
+        self.done, self.total = done, total
+        if self.plain:
+            self._line(f"{self.label} {done}/{total} in {now - self.last:.1f} s "
+                       f"(stage {self.times[stage]:.1f} s)")
         self.last, self.last_wall = now, now_wall
         self.bar.total = total
         self.bar.update(done - self.bar.n)
@@ -77,9 +96,34 @@ class StageProgress:
                         disable=None if self.enabled is None else not self.enabled, dynamic_ncols=True,
                         bar_format="{desc:<12} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         self.bar.start_t = self.last_wall  # the stage began when the previous one ended
-        self.stage = stage
+        self.stage, self.label, self.done, self.total = stage, STAGE_LABELS.get(stage, stage), 0, total
+        if self.enabled is not False:
+            self._stop_ticker.clear()
+            self._ticker = threading.Thread(target=self._tick, name="turbowan-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        last_line = time.perf_counter()
+        while not self._stop_ticker.wait(min(1.0, TICK_SECONDS)):
+            bar = self.bar
+            if bar is None:
+                return
+            if not self.plain:
+                bar.refresh()  # redraws the elapsed time
+            elif time.perf_counter() - max(last_line, self.last) >= TICK_SECONDS:
+                last_line = time.perf_counter()
+                self._line(f"{self.label} {self.done}/{self.total} running, {last_line - self.last:.0f} s "
+                           "into this unit")
+
+    @staticmethod
+    def _line(text: str) -> None:
+        print(f"progress: {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self._ticker is not None:
+            self._stop_ticker.set()
+            self._ticker.join()
+            self._ticker = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -99,20 +143,6 @@ class _TqdmLogHandler(logging.Handler):
 
 
 # -- generate ---------------------------------------------------------------------------------------------
-
-
-def load_image(path):
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"--image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"--image {path.name} could not be read as an image ({exc})") from None
 
 
 def load_text_embedding_file(path):
@@ -137,6 +167,7 @@ def output_paths(output, samples: int) -> list[Path]:
         raise ValueError(f"-o {output.name}: the output must end in {', '.join(suffixes)}")
     if output.is_dir():
         raise ValueError(f"-o {str(output)!r} is a folder; give a file name such as {output / 'video.mp4'}")
+    check_writable(output)
     if samples == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(samples)]
@@ -158,17 +189,17 @@ def cmd_generate(args, progress: StageProgress) -> int:
     import torch
 
     import turbowan
-    from .devices import pick_device, warm_up_in_background
-    from .pipeline import check_num_frames, target_size
+    from .devices import pick_device, set_cpu_threads, warm_up_in_background
+    from .pipeline import check_cpu_memory, check_run_options, open_image, target_size
 
     # 1. everything that can be refused without loading a model
-    check_num_frames(args.frames)
-    if not 1 <= args.steps <= 4:
-        raise ValueError(f"--steps must be 1 to 4 (the models are distilled for 4), got {args.steps}")
-    if args.samples < 1:
-        raise ValueError(f"--samples must be at least 1, got {args.samples}")
-    if not 0 <= args.quality <= 10 or not args.fps > 0:
-        raise ValueError(f"--quality must be 0-10 and --fps positive, got {args.quality} and {args.fps:g}")
+    check_run_options(args.frames, args.steps, args.seed, args.sigma_max, args.boundary, args.samples,
+                      names=OPTION_NAMES)
+    if not 0 <= args.quality <= 10:
+        raise ValueError(f"--quality must be 0 to 10 (10 best), got {args.quality}")
+    if not 0 < args.fps <= MAX_FPS:
+        raise ValueError(f"--fps must be above 0 and at most {MAX_FPS} (the models were trained for 16), "
+                         f"got {args.fps:g}")
     if args.text_embedding and args.prompt:
         raise ValueError("give --prompt (with a text encoder) or --text-embedding, not both")
     if not args.text_embedding and not args.prompt:
@@ -176,12 +207,18 @@ def cmd_generate(args, progress: StageProgress) -> int:
     files = resolve_model_files(args.models_dir, {slot.key: getattr(args, slot.key) for slot in MODEL_SLOTS})
     if args.prompt and files["text_encoder"] is None:
         raise missing_slot_error(SLOTS_BY_KEY["text_encoder"])
-    image = load_image(args.image)
+    image = open_image(args.image, option="--image")
     width, height = target_size(image.size, args.resolution, args.aspect_ratio, args.adaptive, args.width, args.height)
     if args.attention != "original":
         check_sla_topk(args.sla_topk, args.frames, width, height)
     outputs = output_paths(args.output, args.samples)
     device = pick_device(args.device)
+    if device.type == "cpu":
+        from .checkpoint import DiTConfig
+
+        # the release experts' widths (the pipeline checks again with the loaded ones)
+        check_cpu_memory(DiTConfig(), args.frames, width, height, args.samples)
+        set_cpu_threads()
     warm_up_in_background(device)  # CUDA context and Triton import, while the files are read
 
     # 2. text embedding (first, so the text encoder is gone before the experts arrive)
@@ -318,6 +355,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt so the same cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_signals_as_interrupts():
+    """While the command runs, SIGTERM and SIGHUP (where it exists) stop it the way Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    saved = {sig: signal.signal(sig, stop) for sig in (getattr(signal, n, None) for n in ("SIGTERM", "SIGHUP"))
+             if sig is not None}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def _library_notices(verbose: bool):
     """While the command runs, print the library's notices above the bars (and its INFO lines with -v)."""
@@ -353,14 +417,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        with _library_notices(args.verbose):
+        with _stop_signals_as_interrupts(), _library_notices(args.verbose):
             return _run(args, progress)
     except BrokenPipeError:  # output piped into a reader that stopped early (`turbowan doctor | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush does not fail too
         return EXIT_OK
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         progress.close()
         kept = f"; kept the finished {', '.join(map(str, progress.written))}" if progress.written else ""
+        if isinstance(exc, Terminated):
+            print(f"terminated by {signal.Signals(exc.signum).name}: stopped, no partial video file left{kept}",
+                  file=sys.stderr)
+            return 128 + exc.signum
         print(f"interrupted: stopped, no partial video file left{kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:

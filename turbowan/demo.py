@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from .checkpoint import DiTConfig
+from .devices import check_device, set_cpu_threads
 from .models.dit import random_dit
 from .models.random_weights import random_parameters
 from .models.vae import VAEConfig, WanVAE, WanVAEModel
 from .options import VIDEO_FORMATS
+from .video import check_writable
 
 # Widths chosen to run in seconds on two CPU cores while keeping every structural constant of the release
 # (36 input channels, 64-wide heads as in the fixtures, the 4096-wide text input, z_dim 16).
@@ -62,6 +64,9 @@ def run_demo(output="turbowan-demo.mp4", seed: int = 0, device="cpu", progress=N
     output = Path(output).expanduser()
     if output.suffix.lower().lstrip(".") not in VIDEO_FORMATS:
         raise ValueError(f"-o {output.name}: the demo writes .mp4, .webm or .gif")
+    check_writable(output)  # before the work, not after it
+    if check_device(device, option="--device").type == "cpu":
+        set_cpu_threads()
     if progress is not None:
         progress.restart_clock()
     high, low, vae = build_demo_models(seed)

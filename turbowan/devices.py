@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 from typing import Optional
 
@@ -18,16 +20,24 @@ def pick_device(name: Optional[str]) -> torch.device:
     """The device a user named (``cuda``, ``cuda:1``, ``cpu``), checked to exist here; None: `default_device`."""
     if name is None:
         return default_device()
+    return check_device(name, option="--device")
+
+
+def check_device(device, option: str = "device") -> torch.device:
+    """``device`` (a name or a torch.device) as a torch.device this machine can compute on: a CPU or a present
+    CUDA GPU; anything else is refused in one sentence naming ``option``."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name; use cuda, cuda:1 or cpu") from None
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option} {device!r} is not a device name; use cuda, cuda:1 or cpu") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} {str(device)!r} cannot run the models; use cuda, cuda:1 or cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} asked for CUDA, but torch {torch.__version__} sees no CUDA GPU here; "
-                             "use --device cpu (hours for the 14B models) or run on a GPU machine")
+            raise ValueError(f"{option} {device} asked for CUDA, but torch {torch.__version__} sees no CUDA GPU here; "
+                             "use cpu (hours for the 14B models) or run on a GPU machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -64,3 +74,24 @@ def warm_up_in_background(device: torch.device) -> Optional[threading.Thread]:
     thread = threading.Thread(target=work, name="turbowan-warm-up", daemon=True)
     thread.start()
     return thread
+
+
+def cpu_count_available() -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), capped by a cgroup v2 CPU quota."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            count = min(count, max(1, int(quota) // int(period)))
+    return count
+
+
+def set_cpu_threads() -> None:
+    """For a CPU run: no more torch threads than CPUs this process may use (torch counts the whole machine's
+    cores, and threads over the quota spin against each other). OMP_NUM_THREADS, when set, wins: several runs
+    at once should split the cores with it (README)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = min(torch.get_num_threads(), cpu_count_available())
+    torch.set_num_threads(threads)
+    logging.getLogger("turbowan").info("turbowan: %d CPU threads (set OMP_NUM_THREADS to change)", threads)

@@ -39,6 +39,29 @@ def choose_mode(free_bytes: int, expert_bytes: int, other_expert_bytes: int, act
     return "stream"
 
 
+# -- CPU runs (bytes) ------------------------------------------------------------------------------------------------
+
+
+def cpu_run_bytes(frames: int, width: int, height: int, samples: int, dim: int, ffn_dim: int) -> int:
+    """Rough peak host memory of a float32 CPU run besides the weights: the VAE's pixel input [3, F, H, W] and
+    one decoded video plus its RGB copy, the latents, and a DiT block's activations (float32: twice the bf16)."""
+    pixels = 3 * frames * width * height * 4
+    tokens = samples * latent_tokens(frames, width, height)
+    return 3 * pixels + 2 * activation_bytes(tokens, dim, ffn_dim, FFN_CHUNK_TOKENS)
+
+
+def available_ram_bytes() -> Optional[int]:
+    """Memory the system can give this process now (Linux MemAvailable); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 # -- before loading (GB, from measured anchors) --------------------------------------------------------------------
 # Measured on one H200 for this project (shared/notes/gpu-anchors.md): the reference TurboDiffusion's one-step
 # peak at 720p, 81 frames (75,600 tokens) with a bf16 expert resident is 36.2 GB; the bf16 expert is 28.6 GB,

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import ModelFile, ModelFileError
-from .devices import default_device
+from .devices import check_device, default_device
+from .memory import available_ram_bytes, cpu_run_bytes
 from .model_files import check_expert_slots
 from .options import ASPECT_RATIOS, RESOLUTIONS, SIZE_MULTIPLE, TEXT_LEN, TEXT_WIDTH, latent_tokens
 from .placement import Placement
@@ -34,6 +37,12 @@ from .sampler import expert_schedule, initial_noise, rcm_timesteps, sample_rcm
 from .vae_tiling import tile_for_run
 
 log = logging.getLogger("turbowan")
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit unsigned seed
+# Pillow's decompression-bomb threshold (89 megapixels): the video is at most 1280x1280, so a larger input only
+# costs memory; refused in one sentence instead of Pillow's warning or DecompressionBombError
+MAX_IMAGE_PIXELS = 89_478_485
+
 
 def check_num_frames(num_frames: int) -> None:
     """Frame counts must be 4n+1 (the VAE packs 4 frames per latent after the first)."""
@@ -44,6 +53,48 @@ def check_num_frames(num_frames: int) -> None:
             f"num_frames must be 4n+1 (the video VAE compresses time by 4 after the first frame); "
             f"{num_frames} is not: use {lower} or {upper}"
         )
+
+
+def check_run_options(num_frames: int = 81, num_steps: int = 4, seed: int = 0, sigma_max: float = 200.0,
+                      boundary: float = 0.9, num_samples: int = 1, names: Optional[dict] = None) -> None:
+    """Refuse out-of-range numbers before any work; ``names`` maps a parameter to the caller's option name."""
+    name = (lambda key: names.get(key, key)) if names else (lambda key: key)
+    check_num_frames(num_frames)
+    if not 1 <= num_steps <= 4:
+        raise ValueError(f"{name('num_steps')} must be 1 to 4 (the models are distilled for 4), got {num_steps}")
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{name('seed')} must be between 0 and 2**64-1 ({SEED_MAX}), got {seed}")
+    if not 0 < sigma_max < math.inf:  # also refuses NaN, which would sample a black video
+        raise ValueError(f"{name('sigma_max')} must be a positive finite number (200 recommended), got {sigma_max}")
+    if not 0.0 <= boundary <= 1.0:
+        raise ValueError(f"{name('boundary')} is a flow time between 0 and 1 (0.9 recommended), got {boundary}")
+    if num_samples < 1:
+        raise ValueError(f"{name('num_samples')} must be at least 1, got {num_samples}")
+
+
+def open_image(path, option: str = "image"):
+    """An image file -> RGB PIL image, refusing unreadable files and absurd sizes in one sentence."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{option} {str(path)!r} does not exist")
+    too_big = (f"{option} {path.name} is over {MAX_IMAGE_PIXELS // 10**6} megapixels; the video is at most "
+               f"1280x1280, so downscale the image first")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{too_big} (it is {im.width}x{im.height})")
+                im.load()
+                return im.convert("RGB")
+    except Image.DecompressionBombError:  # over twice Pillow's limit: refused by Image.open itself
+        raise ValueError(too_big) from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{option} {path.name} could not be read as an image ({exc})") from None
 
 
 def target_size(
@@ -78,7 +129,10 @@ def target_size(
 
 
 def image_to_tensor(image) -> tuple[torch.Tensor, bool]:
-    """PIL image / array / ComfyUI IMAGE -> ([3, H, W] tensor, is_uint8). RGBA and grayscale become RGB."""
+    """PIL image / array / ComfyUI IMAGE / image file path -> ([3, H, W] tensor, is_uint8). RGBA and grayscale
+    become RGB."""
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image)
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow is a dependency
@@ -199,7 +253,7 @@ def generate_i2v(
     """Generate ``num_samples`` videos from one image and one prompt embedding.
 
     Returns frames [num_samples, num_frames, H, W, 3] float32 in [0, 1] on the CPU.
-    ``image``: PIL image, or [H, W, 3] / [1, H, W, 3] float in [0, 1] (ComfyUI IMAGE).
+    ``image``: PIL image, an image file path, or [H, W, 3] / [1, H, W, 3] float in [0, 1] (ComfyUI IMAGE).
     ``text_embedding``: [1, L, 4096] umT5-xxl output (padded or cut to 512 rows).
     ``progress(stage, done, total)`` is called after each VAE chunk and each sampling step; raising from it
     cancels the run (models are moved back all the same).
@@ -212,20 +266,19 @@ def generate_i2v(
     VAE decodes. ``return_frames=False`` returns None instead of copying the whole video to the CPU (for a
     caller that takes the frames through ``on_frames``).
     """
-    check_num_frames(num_frames)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    if not 0.0 <= boundary <= 1.0:
-        raise ValueError(f"boundary is a flow time between 0 and 1 (0.9 recommended), got {boundary}")
+    # everything that can be refused is refused here, before any VAE or DiT work
+    check_run_options(num_frames, num_steps, seed, sigma_max, boundary, num_samples)
     check_expert_slots(high, low)
     context = prepare_text_embedding(text_embedding)
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device) if device is not None else default_device()
     dtype = high.dtype
     if low.dtype != dtype:
         raise ValueError(f"the two experts were loaded with different dtypes ({high.dtype} and {low.dtype})")
 
     img, is_uint8 = image_to_tensor(image)
     w, h = target_size((img.shape[-1], img.shape[-2]), resolution, aspect_ratio, adaptive_resolution, width, height)
+    if device.type == "cpu":
+        check_cpu_memory(high.config, num_frames, w, h, num_samples)
     image_tensor = resize_image_tensor(img, is_uint8, w, h)  # [1, 3, h, w]
     log.info("turbowan: %dx%d, %d frames, %d steps, seed %d", w, h, num_frames, num_steps, seed)
 
@@ -292,6 +345,17 @@ def generate_i2v(
         return torch.stack(videos) if return_frames else None  # [S, F, H, W, 3]
     finally:
         place.finish(ok)
+
+
+def check_cpu_memory(config, num_frames: int, width: int, height: int, num_samples: int) -> None:
+    """Refuse a CPU run whose working memory (estimated from its size) exceeds the memory available now."""
+    needed = cpu_run_bytes(num_frames, width, height, num_samples, config.dim, config.ffn_dim)
+    available = available_ram_bytes()
+    if available is not None and needed > available:
+        tokens = num_samples * latent_tokens(num_frames, width, height)
+        raise ValueError(f"this CPU run needs about {needed / 1e9:.0f} GB of memory ({num_frames} frames at "
+                         f"{width}x{height}, {tokens} tokens) but {available / 1e9:.0f} GB are available; use fewer "
+                         f"frames, a smaller resolution, or a CUDA GPU")
 
 
 def _to_rgb(video: torch.Tensor) -> torch.Tensor:

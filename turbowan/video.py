@@ -49,6 +49,21 @@ _X264_PRESET = "faster"
 _X264_THREADS = "FRAME"
 
 
+def check_writable(path: Union[str, os.PathLike], option: str = "-o") -> None:
+    """Refuse, in one sentence, an output whose folder cannot be created or written: creates the folder and
+    creates and removes a probe file there (where the writer puts its temporary file), before any work."""
+    path = Path(path)
+    probe = path.parent / f".{path.stem}.{uuid.uuid4().hex[:12]}.probe"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"{option} {str(path)!r} cannot be written ({reason} in {str(path.parent)!r}); "
+                         "choose another folder") from None
+
+
 def crf_for(format: str, quality: int) -> int:
     """CRF for a 0-10 quality: linear between the container's best and worst useful CRF."""
     best, worst = _CRF_RANGE[format]

@@ -75,6 +75,28 @@ def test_text_embedding_of_the_wrong_width_names_the_right_encoder():
         prepare_text_embedding(torch.zeros(1, 77, 1024))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_text_embedding_is_refused_before_any_model_runs(bad, monkeypatch):
+    high, low, vae = _models(torch.float32)
+    emb = torch.zeros(1, 12, 4096)
+    emb[0, 3, 7] = bad
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the VAE ran before the embedding was checked")
+
+    monkeypatch.setattr(vae, "encode", not_yet)
+    with pytest.raises(ValueError, match="the text embedding went non-finite .*likely cause: a bad embedding"):
+        turbowan.generate_i2v(high, low, vae, _image(), emb, num_frames=5, width=64, height=48, device="cpu")
+
+
+def test_non_finite_vae_encode_is_an_error_not_a_black_video(monkeypatch):
+    high, low, vae = _models(torch.float32)
+    monkeypatch.setattr(vae, "encode", lambda video, **kw: torch.full((1, 16, 2, 6, 8), float("nan")))
+    with pytest.raises(ValueError, match="the VAE encode of the input image went non-finite .*broken VAE checkpoint"):
+        turbowan.generate_i2v(high, low, vae, _image(), torch.zeros(1, 8, 4096), num_frames=5, width=64, height=48,
+                              device="cpu")
+
+
 def test_text_embedding_is_padded_or_cut_to_512_rows():
     assert prepare_text_embedding(torch.ones(1, 10, 4096))[0, 10:].abs().sum() == 0
     assert prepare_text_embedding(torch.ones(1, 600, 4096)).shape == (1, 512, 4096)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import types
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,10 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fixtures_dir() -> Path:
-    """The reference fixtures: $TURBOWAN_FIXTURES, else the copy in tests/fixtures (data made by the reference)."""
+    """The reference fixtures: $TURBOWAN_FIXTURES, else the copy in tests/fixtures (data made by the reference).
+
+    Missing fixtures FAIL the test rather than skip it: they ship with the repository, so a checkout without them
+    must not "pass" without testing parity."""
     path = Path(os.environ.get("TURBOWAN_FIXTURES", REPO / "tests" / "fixtures"))
     if not (path / "manifest.json").exists():
-        pytest.skip(f"reference fixtures not found at {path} (set TURBOWAN_FIXTURES)")
+        pytest.fail(f"reference fixtures not found at {path}: restore tests/fixtures from the repository "
+                    "(or point TURBOWAN_FIXTURES at a copy)", pytrace=False)
     return path
 
 
@@ -47,12 +53,22 @@ def _triton_reason(interpreter_ok: bool) -> str:
     return "needs Triton and a CUDA GPU" + (" (or TRITON_INTERPRET=1)" if interpreter_ok else "")
 
 
-def gpu_module(interpreter_ok: bool = False) -> pytest.MarkDecorator:
-    """`pytestmark = gpu_module()` at the top of a GPU test module: skips the whole module unless `triton_runs_here`
-    (before it imports any kernel module), and marks its tests `gpu` (select them with `pytest -m gpu`)."""
-    if not triton_runs_here(interpreter_ok):
-        pytest.skip(_triton_reason(interpreter_ok), allow_module_level=True)
-    return pytest.mark.gpu
+def gpu_module(interpreter_ok: bool = False) -> list[pytest.MarkDecorator]:
+    """`pytestmark = gpu_module()` at the top of a GPU test module: marks its tests `gpu` (select them with
+    `pytest -m gpu`) and skips each one unless `triton_runs_here`, so the skip summary counts tests, not modules.
+    Import kernel modules there with `kernel_module`: the module must collect without Triton."""
+    return [pytest.mark.gpu, pytest.mark.skipif(not triton_runs_here(interpreter_ok),
+                                                 reason=_triton_reason(interpreter_ok))]
+
+
+def kernel_module(name: str) -> types.ModuleType:
+    """The module ``name``, imported on first attribute use (inside a test, after the GPU skip)."""
+
+    class Lazy(types.ModuleType):
+        def __getattr__(self, attr):
+            return getattr(importlib.import_module(name), attr)
+
+    return Lazy(name)
 
 
 def gpu(test):

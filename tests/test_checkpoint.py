@@ -1,5 +1,7 @@
 """The checkpoint reader accepts every released layout and refuses wrong or damaged files in one sentence."""
 
+import os
+
 import pytest
 import torch
 from helpers import fixtures_dir
@@ -95,14 +97,17 @@ def test_checkpoint_missing_a_block_tensor_is_refused(tmp_path):
 
 
 def test_pickled_code_is_never_executed(tmp_path):
-    class Boom:
+    trace = tmp_path / "pwned"
+
+    class Boom:  # unpickling calls os.system("touch <trace>"): the file would prove the code ran
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (os.system, (f"touch {trace}",))
 
     path = tmp_path / "evil.pth"
     torch.save({"x": Boom()}, path)
     with pytest.raises(ModelFileError, match="refusing to execute code"):
         load_dit(path)
+    assert not trace.exists()
 
 
 def test_file_without_sla_weights_needs_original_attention(tmp_path):

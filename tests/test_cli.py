@@ -233,6 +233,31 @@ def test_doctor_flags_a_file_in_the_wrong_slot(tiny, tmp_path, capsys):
     assert "[FAIL] high-noise expert (used)" in out and "looks like a video VAE" in out
 
 
+def test_doctor_refuses_a_missing_models_dir_before_any_kernel_check(tmp_path, capsys, monkeypatch):
+    import turbowan.doctor
+
+    monkeypatch.setattr(turbowan.doctor, "machine_lines", lambda device: pytest.fail("checked the machine first"))
+    assert cli.main(["doctor", "--models-dir", str(tmp_path / "no-such-folder")]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("error: --models-dir") and "no-such-folder" in line and "not a folder" in line
+
+
+def test_doctor_on_an_empty_models_dir_says_so_and_exits_1(tmp_path, capsys):
+    assert cli.main(["doctor", "--models-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"[FAIL] model files: none found in {tmp_path}" in out and "no problems found" not in out
+
+
+def test_non_finite_text_embedding_ends_in_one_line_not_a_black_video(tiny, tmp_path, capsys):
+    emb = tmp_path / "nan.safetensors"
+    save_file({"text_embedding": torch.full((1, 12, 4096), float("nan"), dtype=torch.bfloat16)}, str(emb))
+    out = tmp_path / "clip.mp4"
+    assert cli.main(generate_args(tiny, out, **{"--text-embedding": emb})) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("error: the text embedding went non-finite") and "bad embedding" in line
+    assert not out.exists()
+
+
 def test_memory_estimate_follows_the_anchors():
     from turbowan.doctor import estimate_peak_gb
 

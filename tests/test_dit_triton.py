@@ -6,11 +6,12 @@ implementation); here they are called with the kernels switched off.
 
 import pytest
 import torch
-from helpers import gpu_module
+from helpers import gpu_module, kernel_module
 
 pytestmark = gpu_module(interpreter_ok=True)
-from turbowan.kernels import dit_triton as K  # noqa: E402
 from turbowan.models import dit  # noqa: E402
+
+K = kernel_module("turbowan.kernels.dit_triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA_ONLY_BF16 = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton interpreter truncates bf16 casts")

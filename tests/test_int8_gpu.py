@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from helpers import fixtures_dir, gpu_module
+from helpers import fixtures_dir, gpu_module, kernel_module
 from safetensors.torch import load_file
 
 from turbowan.ops.int8 import (Int8Linear, dequantize_int8_blockwise, quantize_int8_blockwise,
                                w8a8_linear_reference)
 
 pytestmark = gpu_module()
-from turbowan.kernels import int8_triton as K  # noqa: E402
+K = kernel_module("turbowan.kernels.int8_triton")
 
 # Every comparison below is exact (torch.equal): both sides do the same integer dots, the same fp32 fma per
 # 128-wide K block and the same round-to-nearest-even casts, so any difference is a bug, not rounding noise.

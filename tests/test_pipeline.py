@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import turbowan
 from turbowan.pipeline import preprocess_image, prepare_text_embedding, target_size
+from turbowan.sampler import initial_noise
 
 
 def _models(dtype=torch.bfloat16, attention="original"):
@@ -75,6 +76,28 @@ def test_text_embedding_of_the_wrong_width_names_the_right_encoder():
         prepare_text_embedding(torch.zeros(1, 77, 1024))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_text_embedding_is_refused_before_any_model_runs(bad, monkeypatch):
+    high, low, vae = _models(torch.float32)
+    emb = torch.zeros(1, 12, 4096)
+    emb[0, 3, 7] = bad
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the VAE ran before the embedding was checked")
+
+    monkeypatch.setattr(vae, "encode", not_yet)
+    with pytest.raises(ValueError, match="the text embedding went non-finite .*likely cause: a bad embedding"):
+        turbowan.generate_i2v(high, low, vae, _image(), emb, num_frames=5, width=64, height=48, device="cpu")
+
+
+def test_non_finite_vae_encode_is_an_error_not_a_black_video(monkeypatch):
+    high, low, vae = _models(torch.float32)
+    monkeypatch.setattr(vae, "encode", lambda video, **kw: torch.full((1, 16, 2, 6, 8), float("nan")))
+    with pytest.raises(ValueError, match="the VAE encode of the input image went non-finite .*broken VAE checkpoint"):
+        turbowan.generate_i2v(high, low, vae, _image(), torch.zeros(1, 8, 4096), num_frames=5, width=64, height=48,
+                              device="cpu")
+
+
 def test_text_embedding_is_padded_or_cut_to_512_rows():
     assert prepare_text_embedding(torch.ones(1, 10, 4096))[0, 10:].abs().sum() == 0
     assert prepare_text_embedding(torch.ones(1, 600, 4096)).shape == (1, 512, 4096)
@@ -119,9 +142,14 @@ def test_swapped_experts_are_refused(tmp_path):
         turbowan.generate_i2v(low, high, None, _image(), torch.zeros(1, 8, 4096), num_frames=9, device="cpu")
 
 
-def test_num_samples_share_one_noise_batch():
+def test_num_samples_share_one_noise_batch(monkeypatch):
     ref = _reference()
     high, low, vae = _models()
     two = turbowan.generate_i2v(high, low, vae, _image(), ref["crossattn_emb_prefix"], num_frames=5, width=64,
                                 height=48, seed=3, ode=True, num_samples=2, device="cpu")
     assert two.shape[0] == 2 and not torch.equal(two[0], two[1])
+    # one run whose noise is the second row of that batch (ODE: no other noise is drawn) gives the second sample
+    monkeypatch.setattr(turbowan.pipeline, "initial_noise", lambda shape, g: initial_noise((2, *shape[1:]), g)[1:])
+    one = turbowan.generate_i2v(high, low, vae, _image(), ref["crossattn_emb_prefix"], num_frames=5, width=64,
+                                height=48, seed=3, ode=True, device="cpu")
+    assert torch.equal(one[0], two[1])  # bitwise, measured on the CPU

@@ -7,7 +7,7 @@ from helpers import fixtures_dir, max_abs, rel_err
 from safetensors.torch import load_file
 
 from turbowan import load_dit, rcm_timesteps
-from turbowan.sampler import expert_schedule, sample_rcm
+from turbowan.sampler import NonFiniteError, expert_schedule, sample_rcm
 
 
 def test_timesteps_match_reference_table():
@@ -32,6 +32,25 @@ def test_boundary_is_a_threshold_on_flow_time():
 def test_step_count_outside_1_to_4_is_refused():
     with pytest.raises(ValueError, match="between 1 and 4"):
         rcm_timesteps(5)
+
+
+@pytest.mark.parametrize("sigma_max", [float("nan"), float("inf"), 0.0])
+def test_non_finite_or_non_positive_sigma_max_is_refused(sigma_max):
+    with pytest.raises(ValueError, match="sigma_max must be a finite positive number"):
+        rcm_timesteps(4, sigma_max)
+
+
+def test_latents_going_non_finite_stop_sampling_naming_the_step():
+    calls = []
+
+    def overflows_on_the_second_call(x, t, c, y):  # as fp16 overflow or a broken expert would
+        calls.append(t)
+        return torch.full(x.shape, float("inf") if len(calls) == 2 else 0.0)
+
+    with pytest.raises(NonFiniteError, match=r"sampling at step 2 of 4 \(high-noise expert\) went non-finite"):
+        sample_rcm(lambda name: overflows_on_the_second_call, torch.randn(1, 16, 2, 4, 4),
+                   torch.zeros(1, 512, 4096), torch.zeros(1, 20, 2, 4, 4), ode=True)
+    assert len(calls) == 3  # checked one step late (no GPU sync per step), and no later step ran
 
 
 def _run(dtype_name, mode):

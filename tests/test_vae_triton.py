@@ -9,12 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fixtures_dir, gpu_module, rel_err
+from helpers import fixtures_dir, gpu_module, kernel_module, rel_err
 
 pytestmark = gpu_module(interpreter_ok=True)
 
-from turbowan.kernels.vae_triton import rms_norm_silu  # noqa: E402
 from turbowan.models import vae as vae_module  # noqa: E402
+
+vae_triton = kernel_module("turbowan.kernels.vae_triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
 AWKWARD_CHANNELS = [3, 4, 96, 100, 384]  # not a power of two (3, 96, 100) and the real widths (96, 384)
@@ -61,7 +62,7 @@ def _ulp(t):
 @pytest.mark.parametrize("channels", AWKWARD_CHANNELS)
 def test_fp32_matches_the_formula(channels, silu):
     x, gamma = _activation(channels, torch.float32)
-    y = rms_norm_silu(x, gamma, silu)
+    y = vae_triton.rms_norm_silu(x, gamma, silu)
     exact = _formula(x, gamma, silu)
     # A few float32 ulps (2^-23 = 1.2e-7): the norm's summation over C, the divide, and SiLU's conditioning
     # (~|y| for negative y) give measured errors up to 1.1e-6 relative (C = 384), as for eager float32.
@@ -75,7 +76,7 @@ def test_fp32_matches_the_formula(channels, silu):
 @pytest.mark.parametrize("channels", AWKWARD_CHANNELS)
 def test_16_bit_output_is_the_formula_rounded_once(channels, dtype):
     x, gamma = _activation(channels, dtype)
-    y = rms_norm_silu(x, gamma, silu=True)
+    y = vae_triton.rms_norm_silu(x, gamma, silu=True)
     exact = _formula(x, gamma, silu=True)
     rounded = exact.to(dtype)
     # The kernel's float32 result is within ~1e-6 of exact, so its single rounding can differ from rounding the
@@ -88,7 +89,7 @@ def test_16_bit_output_is_the_formula_rounded_once(channels, dtype):
 @pytest.mark.parametrize("channels", AWKWARD_CHANNELS)
 def test_bf16_is_at_least_as_accurate_as_the_eager_chain(channels):
     x, gamma = _activation(channels, torch.bfloat16)
-    y = rms_norm_silu(x, gamma, silu=True)
+    y = vae_triton.rms_norm_silu(x, gamma, silu=True)
     eager = _eager(x, gamma, silu=True)
     exact = _formula(x, gamma, silu=True)
     # Eager rounds the norm, the quotient, both products and SiLU to bf16 (measured 2.8e-3 .. 4.2e-3 relative
@@ -104,7 +105,7 @@ def test_bf16_is_at_least_as_accurate_as_the_eager_chain(channels):
 
 def test_output_keeps_shape_dtype_and_channels_last_strides():
     x, gamma = _activation(96, torch.bfloat16)
-    y = rms_norm_silu(x, gamma, silu=True)
+    y = vae_triton.rms_norm_silu(x, gamma, silu=True)
     assert y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride() and y.device == x.device
 
 
@@ -114,14 +115,14 @@ def test_4d_per_frame_view_of_a_5d_activation():
     x = x5.transpose(1, 2).flatten(0, 1)
     assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() == x5.data_ptr()
     gamma = gamma5.reshape(16, 1, 1)
-    y = rms_norm_silu(x, gamma, silu=False)
+    y = vae_triton.rms_norm_silu(x, gamma, silu=False)
     assert y.stride() == x.stride()
     assert ((y.double() - _formula(x, gamma, False)).abs() <= 4e-6 * _formula(x, gamma, False).abs() + 1e-7).all()
 
 
 def test_4d_channels_last_input():
     x, gamma = _activation(100, torch.float32, shape=(3, 5, 9))
-    y = rms_norm_silu(x, gamma, silu=True)
+    y = vae_triton.rms_norm_silu(x, gamma, silu=True)
     assert y.stride() == x.stride()
     assert rel_err(y, _formula(x, gamma, True)) < 1e-6  # float32 rounding only (see test_fp32_matches_the_formula)
 
@@ -131,7 +132,7 @@ def test_strided_view_of_channels_last_data_is_accepted():
     x, gamma = _activation(8, torch.float32)
     crop = x[:, :, 1:, 1:-1, 2:]
     assert crop.stride(1) == 1 and not crop.is_contiguous(memory_format=torch.channels_last_3d)
-    y = rms_norm_silu(crop, gamma, silu=True)
+    y = vae_triton.rms_norm_silu(crop, gamma, silu=True)
     assert y.shape == crop.shape and y.is_contiguous(memory_format=torch.channels_last_3d)
     assert rel_err(y, _formula(crop, gamma, True)) < 1e-6
 
@@ -139,13 +140,13 @@ def test_strided_view_of_channels_last_data_is_accepted():
 def test_refuses_a_channels_first_input():
     x, gamma = _activation(8, torch.float32)
     with pytest.raises(ValueError, match="channels-last.*PyTorch RMSNorm"):
-        rms_norm_silu(x.contiguous(), gamma, silu=True)
+        vae_triton.rms_norm_silu(x.contiguous(), gamma, silu=True)
 
 
 def test_refuses_float64():
     x, gamma = _activation(8, torch.float32)
     with pytest.raises(ValueError, match="float64.*PyTorch RMSNorm"):
-        rms_norm_silu(x.double(), gamma, silu=True)
+        vae_triton.rms_norm_silu(x.double(), gamma, silu=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_vae_blocks_pair_each_norm_with_its_silu(monkeypatch):
 
     def fused(norm, t, silu):
         calls.append(silu)
-        return rms_norm_silu(t.contiguous(memory_format=vae_module._channels_last(t)), norm.gamma, silu)
+        return vae_triton.rms_norm_silu(t.contiguous(memory_format=vae_module._channels_last(t)), norm.gamma, silu)
 
     monkeypatch.setattr(vae_module, "rms_norm_silu", fused)
     got = attn(res(x, {}))

@@ -11,7 +11,8 @@ Sections of the report:
 * memory: per execution mode, the longest clip at 720p and 480p that should fit the free GPU memory, from
   `turbowan.memory.estimate_peak_gb` (an estimate from measured anchors, not a measurement), with the command to run.
 
-Exit code 0 when nothing failed, 1 when a kernel disagrees with the PyTorch path or a file is in the wrong slot.
+Exit code 0 when nothing failed, 1 when a kernel disagrees with the PyTorch path, a file is in the wrong slot or the
+models folder holds no model file; 2 (before any check) when the models folder does not exist.
 """
 
 from __future__ import annotations
@@ -366,8 +367,10 @@ def _inspect_text_encoder(path: Path, sd: dict, kind: str, what: str, label: str
     return Check(label, True, f"umT5-xxl{', fp8 (dequantized to bf16 at load)' if fp8 else ''}, {tok}")
 
 
-def model_file_lines(models_dir) -> tuple[list[str], list[Check], dict[str, list[Path]]]:
-    found = find_model_files(models_dir)
+def model_file_lines(models_dir, found: dict[str, list[Path]]) -> tuple[list[str], list[Check]]:
+    if not any(found.values()):  # an empty folder, or the wrong one: nothing here would run
+        check = Check("model files", False, f"none found in {models_dir} (is it ComfyUI's models folder?)")
+        return [check.line()], [check]
     lines, checks = [], []
     for slot in MODEL_SLOTS:
         if not found[slot.key]:
@@ -379,7 +382,7 @@ def model_file_lines(models_dir) -> tuple[list[str], list[Check], dict[str, list
             check.name = f"{slot.what}{' (used)' if i == 0 else ' (other candidate)'}: {check.name}"
             checks.append(check)
             lines.append(check.line())
-    return lines, checks, found
+    return lines, checks
 
 
 # -- memory ------------------------------------------------------------------------------------------------------
@@ -429,6 +432,8 @@ def memory_lines(device: torch.device, found: dict[str, list[Path]], models_dir)
 
 
 def run_doctor(models_dir=None, device=None) -> int:
+    # the folder first: a missing one raises ModelFileError (one line, exit 2) before minutes of kernel checks
+    found = find_model_files(models_dir) if models_dir is not None else {}
     if device is not None:
         dev = pick_device(device)
     else:
@@ -458,10 +463,9 @@ def run_doctor(models_dir=None, device=None) -> int:
             print(c.line())
         checks += results
 
-    found: dict[str, list[Path]] = {}
     if models_dir is not None:
         print(f"model files in {models_dir}")
-        lines, file_checks, found = model_file_lines(models_dir)
+        lines, file_checks = model_file_lines(models_dir, found)
         for line in lines:
             print(line)
         checks += file_checks

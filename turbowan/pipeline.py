@@ -33,7 +33,7 @@ from .model_files import check_expert_slots
 from .options import ASPECT_RATIOS, RESOLUTIONS, SIZE_MULTIPLE, TEXT_LEN, TEXT_WIDTH, latent_tokens
 from .placement import Placement
 from .progress import ProgressHook
-from .sampler import expert_schedule, initial_noise, rcm_timesteps, sample_rcm
+from .sampler import expert_schedule, finite_flag, initial_noise, rcm_timesteps, require_finite, sample_rcm
 from .vae_tiling import tile_for_run
 
 log = logging.getLogger("turbowan")
@@ -198,6 +198,8 @@ def prepare_text_embedding(text_embedding: torch.Tensor) -> torch.Tensor:
         )
     if e.shape[0] != 1:
         raise ValueError(f"expected one prompt's embedding, got a batch of {e.shape[0]}")
+    require_finite(finite_flag(e), "the text embedding",
+                   "a bad embedding (re-encode the prompt; a broken text-encoder file or fp16 overflow gives this)")
     L = e.shape[1]
     if L >= TEXT_LEN:
         return e[:, :TEXT_LEN]
@@ -300,6 +302,8 @@ def generate_i2v(
         frames_in[:, :, 0] = image_tensor.to(device)
         tile = tile_for_run(vae, "encode", (lat_h, lat_w), mode, device, num_frames)
         latents = vae.encode(frames_in, progress=progress, tile=tile)  # [1, 16, T, h/8, w/8]
+        require_finite(finite_flag(latents), "the VAE encode of the input image",
+                       "a broken VAE checkpoint or fp16 overflow (load the VAE in bf16 or float32)")
         del frames_in
         if mode != "resident":
             place.unload(vae)  # its memory goes to the expert

@@ -27,12 +27,28 @@ from .progress import ProgressHook, report
 MID_ANGLES = (1.5, 1.4, 1.0)
 
 
+class NonFiniteError(ValueError):
+    """A stage produced NaN or Inf values: an error, never an all-black video."""
+
+
+def finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool on ``t``'s device, True when every value is finite. One reduction (a float64 sum cannot
+    overflow for finite bf16/fp16/fp32 values; a NaN or Inf anywhere makes it non-finite); no host sync yet."""
+    return torch.isfinite(t.sum(dtype=torch.float64))
+
+
+def require_finite(flag: torch.Tensor, stage: str, cause: str) -> None:
+    """Raise one sentence naming the ``stage`` that went non-finite and its likely ``cause`` (reads ``flag``)."""
+    if not bool(flag):
+        raise NonFiniteError(f"{stage} went non-finite (NaN or Inf); likely cause: {cause}")
+
+
 def rcm_timesteps(num_steps: int, sigma_max: float = 200.0) -> torch.Tensor:
     """Flow times for ``num_steps`` (1-4) rCM steps, float64, ending with 0: ``num_steps + 1`` values."""
     if not 1 <= num_steps <= 4:
         raise ValueError(f"num_steps must be between 1 and 4 (the models were distilled for 4), got {num_steps}")
-    if sigma_max <= 0:
-        raise ValueError(f"sigma_max must be positive, got {sigma_max}")
+    if not (math.isfinite(sigma_max) and sigma_max > 0):  # NaN would pass a `<= 0` test
+        raise ValueError(f"sigma_max must be a finite positive number (200 recommended), got {sigma_max}")
     angles = torch.tensor([math.atan(sigma_max), *MID_ANGLES[: num_steps - 1], 0.0], dtype=torch.float64)
     return torch.sin(angles) / (torch.cos(angles) + torch.sin(angles))
 
@@ -84,6 +100,7 @@ def sample_rcm(
     y = y.to(device=device, dtype=dtype)
     ones = torch.ones(x.shape[0], 1, dtype=torch.float64, device=device)
     net, current = None, None
+    pending = None  # (step, finite flag) of the last step's latents, read once the next network call is queued
     for i in range(num_steps):
         t_cur, t_next = t_steps[i].item(), t_steps[i + 1].item()
         if experts[i] != current:
@@ -92,10 +109,21 @@ def sample_rcm(
         timestep = (torch.tensor(t_cur, dtype=torch.float64).float().item() * ones * 1000).to(dtype)
         with torch.no_grad():
             v = net(x.to(dtype), timestep, context, y).to(torch.float64)
+        _check_step(pending, experts, num_steps)  # the GPU works on this step meanwhile: no bubble
         if ode:
             x = x - (t_cur - t_next) * v
         else:
             eps = torch.randn(*x.shape, dtype=torch.float32, generator=generator).to(device)
             x = (1 - t_next) * (x - t_cur * v) + t_next * eps
+        pending = (i, finite_flag(x))
         report(progress, "sample", i + 1, num_steps)
+    _check_step(pending, experts, num_steps)
     return x.float()
+
+
+def _check_step(pending, experts: list[str], num_steps: int) -> None:
+    if pending is not None:
+        i, flag = pending
+        require_finite(flag, f"sampling at step {i + 1} of {num_steps} ({experts[i]}-noise expert)",
+                       "a broken expert checkpoint, fp16 overflow (load the experts in bf16 or float32), or a "
+                       "non-finite text embedding or image latent")

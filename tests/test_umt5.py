@@ -489,9 +489,9 @@ def test_to_moves_encoder_and_reports_device_and_dtype(tiny_pth):
 def counted_loads(monkeypatch):
     calls = []
 
-    def load(path, tokenizer=None, device=None):
+    def load(path, tokenizer=None, device=None, expected_dim=None):
         calls.append(path)
-        return load_text_encoder(path, tokenizer=tokenizer, device=device, **TINY)
+        return load_text_encoder(path, tokenizer=tokenizer, device=device, expected_dim=expected_dim)
 
     monkeypatch.setattr(text_cache, "load_text_encoder", load)
     return calls
@@ -499,21 +499,21 @@ def counted_loads(monkeypatch):
 
 def test_cache_hit_does_not_load_the_encoder(comfy_with_tokenizer, counted_loads, tmp_path):
     cache = tmp_path / "cache"
-    first = text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["accents"], cache_dir=cache)
+    first = text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["accents"], cache_dir=cache, width=64)
     assert len(counted_loads) == 1
-    again = text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["accents"], cache_dir=cache)
+    again = text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["accents"], cache_dir=cache, width=64)
     assert len(counted_loads) == 1  # served from disk
     assert first.shape == (1, TEXT_LEN, 64) and torch.equal(first, again)
     direct = load_text_encoder(comfy_with_tokenizer, **TINY).encode(SAMPLES["accents"])
     assert torch.equal(first, direct)
-    text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["ascii"], cache_dir=cache)
+    text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["ascii"], cache_dir=cache, width=64)
     assert len(counted_loads) == 2  # another prompt is another entry
     assert len(list(cache.glob("*.safetensors"))) == 2 and not list(cache.glob("*.tmp"))
 
 
 def test_cache_defaults_to_turbowan_cache_env(comfy_with_tokenizer, counted_loads, tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOWAN_CACHE", str(tmp_path / "root"))
-    text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox")
+    text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", width=64)
     assert len(list((tmp_path / "root" / "text").glob("*.safetensors"))) == 1
 
 
@@ -529,10 +529,10 @@ def test_cache_key_depends_on_encoder_file_content(comfy_with_tokenizer, wan_sta
 
 def test_unreadable_cache_entry_is_encoded_again(comfy_with_tokenizer, counted_loads, tmp_path):
     cache = tmp_path / "cache"
-    good = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache)
+    good = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
     (entry,) = cache.glob("*.safetensors")
     entry.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
-    again = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache)
+    again = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
     assert len(counted_loads) == 2 and torch.equal(good, again)
 
 

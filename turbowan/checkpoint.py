@@ -49,7 +49,7 @@ class ModelFile:
     def __init__(self, path: str | os.PathLike, expects: str = "a model file"):
         self.path = Path(path).expanduser()
         self.expects = expects
-        head = self._head()
+        head = read_head(self.path, expects)
         self._safetensors = None
         self._tensors: dict[str, torch.Tensor] = {}
         if head[:4] == b"GGUF":
@@ -67,32 +67,6 @@ class ModelFile:
             else:
                 raise ModelFileError(f"{self.path.name} is neither a .safetensors nor a PyTorch checkpoint; "
                                      f"{expects} is expected")
-
-    def _head(self) -> bytes:
-        """The first bytes; a path that is not a readable regular file is refused saying what it is instead."""
-        where = f"{str(self.path)!r}"
-        try:
-            mode = self.path.stat().st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            target = f" (a symbolic link to {os.readlink(self.path)!r})" if self.path.is_symlink() else ""
-            raise MissingModelFileError(f"model file {where}{target} does not exist; {self.expects} is expected "
-                                        "there") from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise ModelFileError(f"model file {where} is a symbolic link loop (it leads back to itself); "
-                                     f"point it at {self.expects}") from None
-            raise ModelFileError(f"model file {where} cannot be opened ({exc.strerror})") from None
-        if stat.S_ISDIR(mode):
-            raise ModelFileError(f"{where} is a folder, not a model file; give the path of {self.expects} "
-                                 "inside it")
-        if not stat.S_ISREG(mode):  # a pipe or device would block or stream forever
-            raise ModelFileError(f"{where} is not a regular file; {self.expects} is expected")
-        try:
-            with open(self.path, "rb") as f:
-                return f.read(16)
-        except OSError as exc:
-            raise ModelFileError(f"model file {where} cannot be read ({exc.strerror}); check its permissions") \
-                from None
 
     @contextmanager
     def _reading(self):
@@ -162,6 +136,31 @@ class ModelFile:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All tensors, on CPU (memory-mapped .pth; safetensors read tensor by tensor)."""
         return {k: self.tensor(k) for k in self.names}
+
+
+def read_head(path: Path, expects: str) -> bytes:
+    """A model file's first 16 bytes; a path that is not a readable regular file is refused saying what it is."""
+    where = f"{str(path)!r}"
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        target = f" (a symbolic link to {os.readlink(path)!r})" if path.is_symlink() else ""
+        raise MissingModelFileError(f"model file {where}{target} does not exist; {expects} is expected there") \
+            from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ModelFileError(f"model file {where} is a symbolic link loop (it leads back to itself); point it "
+                                 f"at {expects}") from None
+        raise ModelFileError(f"model file {where} cannot be opened ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise ModelFileError(f"{where} is a folder, not a model file; give the path of {expects} inside it")
+    if not stat.S_ISREG(mode):  # a pipe or a device would block or stream forever
+        raise ModelFileError(f"{where} is not a regular file; {expects} is expected")
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError as exc:
+        raise ModelFileError(f"model file {where} cannot be read ({exc.strerror}); check its permissions") from None
 
 
 def read_state_dict(path: str | os.PathLike, expects: str = "a model file") -> dict[str, torch.Tensor]:

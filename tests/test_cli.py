@@ -5,6 +5,7 @@ real `python -m turbowan` exit path)."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 
@@ -227,3 +228,15 @@ def test_demo_writes_a_playable_video(tmp_path, capsys):
     assert decode(out).frames.shape == (DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH, 3)
     text = capsys.readouterr().out
     assert "RANDOM weights" in text and "released model files" in text
+
+
+def test_damaged_text_encoder_is_one_error_line(tiny, tmp_path, monkeypatch, capsys):
+    encoder = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    encoder.write_bytes(struct.pack("<Q", 4096) + b'{"shared.weight": ')  # a header cut off mid-way
+    monkeypatch.setenv("TURBOWAN_CACHE", str(tmp_path / "cache"))
+    args = generate_args(tiny, tmp_path / "clip.mp4", **{"--text-encoder": encoder, "--prompt": "a fox"})
+    args.remove("--text-embedding")
+    args.remove(str(tiny["embedding"]))
+    assert cli.main(args) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("error: umt5_xxl_fp8_e4m3fn_scaled.safetensors looks truncated")

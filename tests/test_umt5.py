@@ -7,8 +7,10 @@ import base64
 import io
 import json
 import math
+import os
 import random
 import unicodedata
+from pathlib import Path
 
 import pytest
 import torch
@@ -534,6 +536,62 @@ def test_unreadable_cache_entry_is_encoded_again(comfy_with_tokenizer, counted_l
     entry.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
     again = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
     assert len(counted_loads) == 2 and torch.equal(good, again)
+
+
+def _one_notice(caplog, words):
+    notices = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(notices) == 1 and words in notices[0], notices
+
+
+BF16 = dict(dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("stored", [
+    torch.zeros(1, 5, 64, **BF16), torch.zeros(5, 1024, **BF16), torch.zeros(5, 64, dtype=torch.float32),
+    torch.full((5, 64), float("nan"), **BF16), torch.zeros(0, 64, **BF16)],
+    ids=["3-d", "1024-wide", "float32", "nan", "0-rows"])
+def test_invalid_cache_entry_is_replaced_with_one_notice(stored, comfy_with_tokenizer, counted_loads, tmp_path,
+                                                         caplog):
+    cache = tmp_path / "cache"
+    good = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
+    (entry,) = cache.glob("*.safetensors")
+    save_file({"prefix": stored}, str(entry))
+    again = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
+    assert len(counted_loads) == 2 and torch.equal(good, again)
+    _one_notice(caplog, "encoding the prompt again")
+    text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
+    assert len(counted_loads) == 2  # the replacement entry is used from now on
+
+
+def test_cache_entry_that_is_a_folder_is_replaced(comfy_with_tokenizer, counted_loads, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    entry = cache / f"{text_cache.cache_key(comfy_with_tokenizer, 'a fox')}.safetensors"
+    (entry / "inside").mkdir(parents=True)
+    text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
+    assert entry.is_file()
+    _one_notice(caplog, "is a folder")
+
+
+def _not_writable_folder(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    return folder
+
+
+@pytest.mark.parametrize("where", ["a-file", "proc", "read-only"])
+def test_unusable_cache_location_runs_without_the_cache_with_one_notice(where, comfy_with_tokenizer, counted_loads,
+                                                                        tmp_path, monkeypatch, caplog):
+    if where == "a-file":
+        root = tmp_path / "cache-file"
+        root.write_text("not a folder")
+    else:
+        root = Path("/proc") if where == "proc" else _not_writable_folder(tmp_path)
+    monkeypatch.setenv("TURBOWAN_CACHE", str(root))
+    out = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", width=64)
+    assert out.shape == (1, TEXT_LEN, 64) and len(counted_loads) == 1
+    _one_notice(caplog, "running without it")
 
 
 # --------------------------------------------------------------------------------------------

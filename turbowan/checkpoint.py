@@ -105,9 +105,8 @@ class ModelFile:
             return ModelFileError(f"{name} looks truncated or corrupt; re-download it (its "
                                   f"{self.path.stat().st_size:,} bytes do not read as {self.expects}, so download "
                                   "it again)")
-        detail = text.strip().split("\n")[0][:120]
-        return ModelFileError(f"{name} is corrupt or not {self.expects} ({type(exc).__name__}: {detail}); "
-                              "download it again")
+        detail = text.strip().split("\n")[0][:80] or type(exc).__name__
+        return ModelFileError(f"{name} is corrupt or not {self.expects} ({detail}); download it again")
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self._safetensors is None:

@@ -2,7 +2,7 @@
 
 Whatever a damaged file holds, a reader raises only `ModelFileError` (one sentence, a ValueError), runs no pickled
 code, and the next load of a good file works. The text cache goes further: a bad entry is never an error at all,
-it is re-encoded. Seeded, so a failure reproduces; about ten seconds on two cores.
+it is re-encoded. Seeded, so a failure reproduces; a few seconds on two cores.
 """
 
 from __future__ import annotations
@@ -29,20 +29,13 @@ from turbowan.models.umt5 import load_text_encoder
 from turbowan.options import TEXT_WIDTH
 from turbowan.pipeline import read_text_embedding
 
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on mutated pickles
 SEED = 12
 MUTATIONS_PER_FILE = 24
 
 
-def _load_dit(path):
-    return turbowan.load_dit(path)
-
-
 def _load_text_encoder(path):
     return load_text_encoder(path, expected_dim=None)  # the fixture encoder is 64 wide
-
-
-def _read_all(path):
-    return read_state_dict(path)
 
 
 def _model_file_tensors(path):
@@ -52,10 +45,10 @@ def _model_file_tensors(path):
 
 # file kind -> (fixture file, the readers that must refuse its damaged forms in one error type)
 MODEL_FILES = {
-    "dit": ("dit/TurboWan2.2-I2V-tiny-high.pth", (_load_dit, _read_all, _model_file_tensors)),
-    "dit-quant": ("dit/TurboWan2.2-I2V-tiny-high-quant.pth", (_load_dit, _read_all)),
-    "vae": ("vae/Wan2.1_VAE-tiny.pth", (turbowan.load_vae, _read_all, _model_file_tensors)),
-    "umt5": ("umt5/models_t5_umt5-tiny-enc-bf16.pth", (_load_text_encoder, _read_all, _model_file_tensors)),
+    "dit": ("dit/TurboWan2.2-I2V-tiny-high.pth", (turbowan.load_dit, read_state_dict, _model_file_tensors)),
+    "dit-quant": ("dit/TurboWan2.2-I2V-tiny-high-quant.pth", (turbowan.load_dit, read_state_dict)),
+    "vae": ("vae/Wan2.1_VAE-tiny.pth", (turbowan.load_vae, read_state_dict, _model_file_tensors)),
+    "umt5": ("umt5/models_t5_umt5-tiny-enc-bf16.pth", (_load_text_encoder, read_state_dict, _model_file_tensors)),
 }
 
 
@@ -139,7 +132,7 @@ def good_files(tmp_path_factory):
         out[kind + ".safetensors"] = (st, readers)
     embedding = folder / "prompt.safetensors"
     save_file({"text_embedding": torch.randn(7, TEXT_WIDTH).to(torch.bfloat16)}, str(embedding))
-    out["embedding"] = (embedding, (read_text_embedding, _read_all))
+    out["embedding"] = (embedding, (read_text_embedding, read_state_dict))
     return out
 
 

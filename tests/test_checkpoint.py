@@ -1,14 +1,17 @@
 """The checkpoint reader accepts every released layout and refuses wrong or damaged files in one sentence."""
 
 import os
+import random
 
 import pytest
 import torch
 from helpers import fixtures_dir
 from safetensors.torch import save_file
 
-from turbowan import ModelFileError, load_dit
+from turbowan import ModelFileError, load_dit, load_vae
 from turbowan.checkpoint import read_dit_checkpoint
+from turbowan.models.umt5 import load_text_encoder
+from turbowan.pipeline import read_text_embedding
 
 
 def _high():
@@ -117,3 +120,55 @@ def test_file_without_sla_weights_needs_original_attention(tmp_path):
     with pytest.raises(ModelFileError, match="no SLA weights"):
         load_dit(path, attention="sla")
     assert load_dit(path, attention="original").attention == "original"
+
+
+# -- issue 12: a text-encoder .safetensors that is damaged (row 3); paths that are not files (row 11) -------------
+
+
+def _umt5_safetensors(tmp_path):
+    path = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    sd = _sd(fixtures_dir() / "umt5" / "models_t5_umt5-tiny-enc-bf16.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def test_truncated_text_encoder_safetensors_is_a_model_file_error(tmp_path):
+    path = _umt5_safetensors(tmp_path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ModelFileError, match="umt5_xxl_fp8_e4m3fn_scaled.safetensors looks truncated") as e:
+        load_text_encoder(path, expected_dim=None)
+    assert _one_line(str(e.value))
+
+
+def test_malformed_text_encoder_safetensors_header_is_a_model_file_error(tmp_path):
+    path = _umt5_safetensors(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:8] + data[8:].replace(b'"BF16"', b'"XX16"', 1))  # a dtype safetensors does not know
+    with pytest.raises(ModelFileError, match="umt5_xxl_fp8_e4m3fn_scaled.safetensors is corrupt") as e:
+        load_text_encoder(path, expected_dim=None)
+    assert _one_line(str(e.value))
+
+
+def test_folder_given_as_model_file_is_called_a_folder(tmp_path):
+    folder = tmp_path / "TurboWan2.2-I2V-A14B-high-720P.pth"
+    folder.mkdir()
+    for load in (load_dit, load_vae, load_text_encoder, read_text_embedding):
+        with pytest.raises(ModelFileError, match="is a folder, not a model file") as e:
+            load(folder)
+        assert not isinstance(e.value, FileNotFoundError)
+
+
+def test_symlink_loop_given_as_model_file_is_called_a_loop(tmp_path):
+    loop = tmp_path / "Wan2.1_VAE.pth"
+    loop.symlink_to(loop)
+    with pytest.raises(ModelFileError, match="symbolic link loop") as e:
+        load_vae(loop)
+    assert "does not exist" not in str(e.value)
+
+
+def test_random_bytes_named_pth_are_not_called_pickled_objects(tmp_path):
+    path = tmp_path / "Wan2.1_VAE.pth"
+    path.write_bytes(b"\x80\x02" + random.Random(0).randbytes(4000))  # pickle's magic, then noise
+    with pytest.raises(ModelFileError, match="Wan2.1_VAE.pth is corrupt or not the Wan2.1 VAE") as e:
+        load_vae(path)
+    assert "pickled" not in str(e.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -410,3 +411,15 @@ def test_cpu_run_uses_no_more_threads_than_cpus_it_may_use(monkeypatch):
         assert torch.get_num_threads() == saved
     finally:
         torch.set_num_threads(saved)
+
+
+def test_damaged_text_encoder_is_one_error_line(tiny, tmp_path, monkeypatch, capsys):
+    encoder = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    encoder.write_bytes(struct.pack("<Q", 4096) + b'{"shared.weight": ')  # a header cut off mid-way
+    monkeypatch.setenv("TURBOWAN_CACHE", str(tmp_path / "cache"))
+    args = generate_args(tiny, tmp_path / "clip.mp4", **{"--text-encoder": encoder, "--prompt": "a fox"})
+    args.remove("--text-embedding")
+    args.remove(str(tiny["embedding"]))
+    assert cli.main(args) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("error: umt5_xxl_fp8_e4m3fn_scaled.safetensors looks truncated")

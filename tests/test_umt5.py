@@ -7,8 +7,10 @@ import base64
 import io
 import json
 import math
+import os
 import random
 import unicodedata
+from pathlib import Path
 
 import pytest
 import torch
@@ -489,9 +491,9 @@ def test_to_moves_encoder_and_reports_device_and_dtype(tiny_pth):
 def counted_loads(monkeypatch):
     calls = []
 
-    def load(path, tokenizer=None, device=None):
+    def load(path, tokenizer=None, device=None, expected_dim=None):
         calls.append(path)
-        return load_text_encoder(path, tokenizer=tokenizer, device=device, **TINY)
+        return load_text_encoder(path, tokenizer=tokenizer, device=device, expected_dim=expected_dim)
 
     monkeypatch.setattr(text_cache, "load_text_encoder", load)
     return calls
@@ -499,21 +501,21 @@ def counted_loads(monkeypatch):
 
 def test_cache_hit_does_not_load_the_encoder(comfy_with_tokenizer, counted_loads, tmp_path):
     cache = tmp_path / "cache"
-    first = text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["accents"], cache_dir=cache)
+    first = text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["accents"], cache_dir=cache, width=64)
     assert len(counted_loads) == 1
-    again = text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["accents"], cache_dir=cache)
+    again = text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["accents"], cache_dir=cache, width=64)
     assert len(counted_loads) == 1  # served from disk
     assert first.shape == (1, TEXT_LEN, 64) and torch.equal(first, again)
     direct = load_text_encoder(comfy_with_tokenizer, **TINY).encode(SAMPLES["accents"])
     assert torch.equal(first, direct)
-    text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["ascii"], cache_dir=cache)
+    text_cache.cached_text_embedding(comfy_with_tokenizer, SAMPLES["ascii"], cache_dir=cache, width=64)
     assert len(counted_loads) == 2  # another prompt is another entry
     assert len(list(cache.glob("*.safetensors"))) == 2 and not list(cache.glob("*.tmp"))
 
 
 def test_cache_defaults_to_turbowan_cache_env(comfy_with_tokenizer, counted_loads, tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOWAN_CACHE", str(tmp_path / "root"))
-    text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox")
+    text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", width=64)
     assert len(list((tmp_path / "root" / "text").glob("*.safetensors"))) == 1
 
 
@@ -529,11 +531,67 @@ def test_cache_key_depends_on_encoder_file_content(comfy_with_tokenizer, wan_sta
 
 def test_unreadable_cache_entry_is_encoded_again(comfy_with_tokenizer, counted_loads, tmp_path):
     cache = tmp_path / "cache"
-    good = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache)
+    good = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
     (entry,) = cache.glob("*.safetensors")
     entry.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
-    again = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache)
+    again = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
     assert len(counted_loads) == 2 and torch.equal(good, again)
+
+
+def _one_notice(caplog, words):
+    notices = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(notices) == 1 and words in notices[0], notices
+
+
+BF16 = dict(dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("stored", [
+    torch.zeros(1, 5, 64, **BF16), torch.zeros(5, 1024, **BF16), torch.zeros(5, 64, dtype=torch.float32),
+    torch.full((5, 64), float("nan"), **BF16), torch.zeros(0, 64, **BF16)],
+    ids=["3-d", "1024-wide", "float32", "nan", "0-rows"])
+def test_invalid_cache_entry_is_replaced_with_one_notice(stored, comfy_with_tokenizer, counted_loads, tmp_path,
+                                                         caplog):
+    cache = tmp_path / "cache"
+    good = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
+    (entry,) = cache.glob("*.safetensors")
+    save_file({"prefix": stored}, str(entry))
+    again = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
+    assert len(counted_loads) == 2 and torch.equal(good, again)
+    _one_notice(caplog, "encoding the prompt again")
+    text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
+    assert len(counted_loads) == 2  # the replacement entry is used from now on
+
+
+def test_cache_entry_that_is_a_folder_is_replaced(comfy_with_tokenizer, counted_loads, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    entry = cache / f"{text_cache.cache_key(comfy_with_tokenizer, 'a fox')}.safetensors"
+    (entry / "inside").mkdir(parents=True)
+    text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", cache_dir=cache, width=64)
+    assert entry.is_file()
+    _one_notice(caplog, "is a folder")
+
+
+def _not_writable_folder(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    return folder
+
+
+@pytest.mark.parametrize("where", ["a-file", "proc", "read-only"])
+def test_unusable_cache_location_runs_without_the_cache_with_one_notice(where, comfy_with_tokenizer, counted_loads,
+                                                                        tmp_path, monkeypatch, caplog):
+    if where == "a-file":
+        root = tmp_path / "cache-file"
+        root.write_text("not a folder")
+    else:
+        root = Path("/proc") if where == "proc" else _not_writable_folder(tmp_path)
+    monkeypatch.setenv("TURBOWAN_CACHE", str(root))
+    out = text_cache.cached_text_embedding(comfy_with_tokenizer, "a fox", width=64)
+    assert out.shape == (1, TEXT_LEN, 64) and len(counted_loads) == 1
+    _one_notice(caplog, "running without it")
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,9 +9,12 @@ its config.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,17 +49,13 @@ class ModelFile:
     def __init__(self, path: str | os.PathLike, expects: str = "a model file"):
         self.path = Path(path).expanduser()
         self.expects = expects
-        name = self.path.name
-        if not self.path.is_file():
-            raise MissingModelFileError(f"model file {str(self.path)!r} does not exist; {expects} is expected there")
-        with open(self.path, "rb") as f:
-            head = f.read(16)
+        head = read_head(self.path, expects)
         self._safetensors = None
         self._tensors: dict[str, torch.Tensor] = {}
-        try:
-            if head[:4] == b"GGUF":
-                raise ModelFileError(f"{name} is a GGUF file, which this loader does not read; {expects} in "
-                                     ".safetensors or .pth form is expected")
+        if head[:4] == b"GGUF":
+            raise ModelFileError(f"{self.path.name} is a GGUF file, which this loader does not read; {expects} in "
+                                 ".safetensors or .pth form is expected")
+        with self._reading():
             if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header size, then JSON
                 from safetensors import safe_open
 
@@ -66,13 +65,17 @@ class ModelFile:
                 self._tensors = self._torch_load()
                 self.names = list(self._tensors)
             else:
-                raise ModelFileError(f"{name} is neither a .safetensors nor a PyTorch checkpoint; {expects} is "
-                                     "expected")
+                raise ModelFileError(f"{self.path.name} is neither a .safetensors nor a PyTorch checkpoint; "
+                                     f"{expects} is expected")
+
+    @contextmanager
+    def _reading(self):
+        """Turns whatever the format libraries raise for a damaged file into one ModelFileError sentence."""
+        try:
+            yield
         except ModelFileError:
             raise
-        except OSError:
-            raise  # unreadable (permissions, I/O): not a statement about the file's content
-        except Exception as exc:  # the readers raise many exception types for a damaged file
+        except Exception as exc:  # they raise many exception types for a damaged file
             raise self._unreadable(exc) from None
 
     def _torch_load(self) -> dict[str, torch.Tensor]:
@@ -84,49 +87,79 @@ class ModelFile:
             sd = torch.load(str(self.path), map_location="cpu", weights_only=True)
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]  # training-style {"state_dict": {...}} wrapper
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
             raise ModelFileError(f"{self.path.name} is not a plain state dict of tensors; {self.expects} is expected")
         return sd
 
     def _unreadable(self, exc: Exception) -> ModelFileError:
         name, text = self.path.name, str(exc)
-        if "weights_only" in text or "weights only" in text.lower() or "Unsupported global" in text:
-            return ModelFileError(f"{name} contains pickled Python objects besides tensors; refusing to execute code "
-                                  f"from a model file ({self.expects} as a plain state-dict .pth or a .safetensors "
-                                  "file is expected)")
+        code = re.search(r"GLOBAL ([A-Za-z_][\w.]*) ", text)  # a name to import: a pickled object, not noise
+        if code:
+            return ModelFileError(f"{name} contains pickled Python objects ({code.group(1)}) besides tensors; "
+                                  f"refusing to execute code from a model file ({self.expects} as a plain "
+                                  "state-dict .pth or a .safetensors file is expected)")
+        if isinstance(exc, OSError) and exc.strerror:
+            return ModelFileError(f"{name} could not be read ({exc.strerror}); check the disk and the file")
         if isinstance(exc, (zipfile.BadZipFile, EOFError)) or _looks_truncated(exc):
             return ModelFileError(f"{name} looks truncated or corrupt; re-download it (its "
                                   f"{self.path.stat().st_size:,} bytes do not read as {self.expects}, so download "
                                   "it again)")
-        return ModelFileError(f"{name} could not be read as {self.expects} ({type(exc).__name__}: {exc})")
+        detail = text.strip().split("\n")[0][:80] or type(exc).__name__
+        return ModelFileError(f"{name} is corrupt or not {self.expects} ({detail}); download it again")
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self._safetensors is None:
             return tuple(self._tensors[name].shape)
-        return tuple(self._safetensors.get_slice(name).get_shape())
+        with self._reading():
+            return tuple(self._safetensors.get_slice(name).get_shape())
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._tensors[name] if self._safetensors is None else self._safetensors.get_tensor(name)
+        if self._safetensors is None:
+            return self._tensors[name]
+        with self._reading():
+            return self._safetensors.get_tensor(name)
 
     def meta(self) -> dict[str, torch.Tensor]:
         """Every tensor as a meta tensor (name, shape, dtype) without reading any data."""
         if self._safetensors is None:
             return {k: v.to("meta") for k, v in self._tensors.items()}
         out = {}
-        for k in self.names:
-            part = self._safetensors.get_slice(k)
-            dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8)  # unknown one-byte formats as uint8
-            out[k] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+        with self._reading():
+            for k in self.names:
+                part = self._safetensors.get_slice(k)
+                dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8)  # unknown one-byte formats as uint8
+                out[k] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All tensors, on CPU (memory-mapped .pth; safetensors read tensor by tensor)."""
-        if self._safetensors is None:
-            return dict(self._tensors)
-        try:
-            return {k: self._safetensors.get_tensor(k) for k in self.names}
-        except Exception as exc:
-            raise self._unreadable(exc) from None
+        return {k: self.tensor(k) for k in self.names}
+
+
+def read_head(path: Path, expects: str) -> bytes:
+    """A model file's first 16 bytes; a path that is not a readable regular file is refused saying what it is."""
+    where = f"{str(path)!r}"
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        target = f" (a symbolic link to {os.readlink(path)!r})" if path.is_symlink() else ""
+        raise MissingModelFileError(f"model file {where}{target} does not exist; {expects} is expected there") \
+            from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ModelFileError(f"model file {where} is a symbolic link loop (it leads back to itself); point it "
+                                 f"at {expects}") from None
+        raise ModelFileError(f"model file {where} cannot be opened ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise ModelFileError(f"{where} is a folder, not a model file; give the path of {expects} inside it")
+    if not stat.S_ISREG(mode):  # a pipe or a device would block or stream forever
+        raise ModelFileError(f"{where} is not a regular file; {expects} is expected")
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError as exc:
+        raise ModelFileError(f"model file {where} cannot be read ({exc.strerror}); check its permissions") from None
 
 
 def read_state_dict(path: str | os.PathLike, expects: str = "a model file") -> dict[str, torch.Tensor]:

@@ -12,26 +12,34 @@ stored under ``<cache root>/text/<key>.safetensors`` and the encoder is only loa
   are zeros by construction and are rebuilt on read. Written to a temporary file in the same
   folder and moved into place with os.replace, so a crash or a concurrent run never leaves a
   truncated entry under the final name.
+
+It is only a cache: an entry that does not read back as a finite bf16 [rows, width] tensor is deleted and
+encoded again, and a cache folder that cannot be used (a file, read-only, /proc) means running without the
+cache; each says so in one notice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .checkpoint import MissingModelFileError, ModelFile, ModelFileError, read_head
 from .models.tokenizer import TEXT_LEN
-from .models.umt5 import load_text_encoder
+from .models.umt5 import EXPECTED_FILE, load_text_encoder
+from .options import TEXT_WIDTH
 
 PathLike = Union[str, Path]
 FORMAT_VERSION = "turbowan-umt5-embedding-v1"  # bump when the stored tensors' meaning changes
 _MIB = 1 << 20
+log = logging.getLogger("turbowan")
 
 
 def default_cache_dir() -> Path:
@@ -60,22 +68,21 @@ def cache_key(encoder_path: PathLike, prompt: str, tokenizer: Optional[PathLike]
 
 
 def cached_text_embedding(encoder_path: PathLike, prompt: str, cache_dir: Optional[PathLike] = None,
-                          tokenizer: Optional[PathLike] = None,
-                          device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """umT5 embedding of one prompt: [1, 512, dim] bf16 on the CPU, zero rows past the prompt.
+                          tokenizer: Optional[PathLike] = None, device: Union[str, torch.device, None] = None,
+                          width: Optional[int] = TEXT_WIDTH) -> torch.Tensor:
+    """umT5 embedding of one prompt: [1, 512, width] bf16 on the CPU, zero rows past the prompt.
 
-    On a miss the encoder is loaded (on ``device``, default CPU), run, stored and released.
+    On a miss the encoder is loaded (on ``device``, default CPU), run, stored and released. ``width`` is the
+    text width the video model consumes (None accepts any, for small test encoders).
     """
     encoder_path = Path(encoder_path).expanduser()
-    if not encoder_path.is_file():
-        raise ValueError(f"text encoder file {encoder_path} does not exist; pass the path of "
-                         f"models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_fp8_e4m3fn_scaled.safetensors.")
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    entry = folder / f"{cache_key(encoder_path, prompt, tokenizer)}.safetensors"
+    read_head(encoder_path, EXPECTED_FILE)  # refuses a missing file, a folder or a link loop by name
+    folder = _usable_folder(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
+    entry = folder / f"{cache_key(encoder_path, prompt, tokenizer)}.safetensors" if folder else None
 
-    prefix = _read_entry(entry)
+    prefix = _read_entry(entry, width) if entry else None
     if prefix is None:
-        encoder = load_text_encoder(encoder_path, tokenizer=tokenizer, device=device)
+        encoder = load_text_encoder(encoder_path, tokenizer=tokenizer, device=device, expected_dim=width)
         try:
             embedding = encoder.encode(prompt)[0]  # [512, dim]
             length = int(encoder.tokenizer(prompt)[1].sum())
@@ -84,29 +91,73 @@ def cached_text_embedding(encoder_path: PathLike, prompt: str, cache_dir: Option
             if torch.device(device or "cpu").type == "cuda":
                 torch.cuda.empty_cache()
         prefix = embedding[:length].to("cpu", torch.bfloat16).contiguous()
-        _write_entry(entry, prefix, encoder_path)
+        if entry:
+            _write_entry(entry, prefix, encoder_path)
 
     out = torch.zeros(1, TEXT_LEN, prefix.shape[1], dtype=prefix.dtype)
     out[0, : prefix.shape[0]] = prefix
     return out
 
 
-def _read_entry(entry: Path) -> Optional[torch.Tensor]:
-    if not entry.is_file():
-        return None
+def _usable_folder(folder: Path) -> Optional[Path]:
+    """folder, created if needed; None (after one notice) where no entry can be written there."""
     try:
-        return load_file(str(entry))["prefix"]
-    except (SafetensorError, KeyError, OSError):
-        return None  # unreadable entry (e.g. disk trouble): encode again and overwrite it
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+        return folder
+    except OSError as exc:
+        log.warning(f"turbowan: the text cache {folder} cannot be used ({exc.strerror or exc}); running without "
+                    "it (set TURBOWAN_CACHE to a writable folder to keep prompt embeddings)")
+        return None
+
+
+def _entry_problem(prefix: torch.Tensor, width: Optional[int]) -> Optional[str]:
+    """Why a stored prefix cannot be this prompt's embedding (None if it can)."""
+    if prefix.ndim != 2 or not 0 < prefix.shape[0] <= TEXT_LEN:
+        return f"shape {tuple(prefix.shape)}"
+    if width is not None and prefix.shape[1] != width:
+        return f"{prefix.shape[1]} wide, not {width}"
+    if prefix.dtype != torch.bfloat16:
+        return f"dtype {prefix.dtype}"
+    if not prefix.isfinite().all():
+        return "non-finite values"
+    return None
+
+
+def _read_entry(entry: Path, width: Optional[int]) -> Optional[torch.Tensor]:
+    """The stored prefix, or None: a miss, or a bad entry, which is deleted (with one notice) to be encoded again."""
+    try:
+        prefix = ModelFile(entry, "a text cache entry").tensor("prefix")
+        problem = _entry_problem(prefix, width)
+    except MissingModelFileError:
+        return None
+    except ModelFileError as exc:
+        problem = str(exc)
+    except KeyError:
+        problem = "no 'prefix' tensor"
+    if problem is None:
+        return prefix
+    log.warning(f"turbowan: text cache entry {entry.name} is unusable ({problem}); encoding the prompt again")
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    except OSError:
+        pass  # the new entry replaces it, or its write says why it cannot
+    return None
 
 
 def _write_entry(entry: Path, prefix: torch.Tensor, encoder_path: Path) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=entry.stem, suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=entry.stem, suffix=".tmp")
+        os.close(fd)
         save_file({"prefix": prefix}, tmp, metadata={"format": FORMAT_VERSION, "encoder": encoder_path.name})
         os.replace(tmp, entry)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except Exception as exc:  # a full disk, a folder in the way: the run goes on, only uncached
+        log.warning(f"turbowan: cannot write the text cache entry {entry} ({exc}); this prompt is not cached")
+    finally:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)

@@ -359,8 +359,8 @@ def load_dit(
     if not 0.0 < sla_topk <= 1.0:
         raise ValueError(f"sla_topk must be in (0, 1], got {sla_topk}")
     ckpt = read_dit_checkpoint(path)
+    name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
     if attention != "original" and not ckpt.has_sla:
-        name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
         raise ModelFileError(
             f"{name} has no SLA weights (proj_l), so it is not a TurboWan checkpoint for attention_type "
             f"{attention!r}; use the TurboWan2.2 files, or attention_type 'original'"
@@ -376,6 +376,12 @@ def load_dit(
         if ".proj_l." in k and not with_proj_l:
             continue  # dense attention does not use SLA's projection
         sd[k] = v if v.dtype == torch.int8 or k.endswith(".scale") else v.to(parameter_dtype(k, dtype))
+    for k, want in model.state_dict().items():  # a damaged file can hold tensors of the wrong shape or kind
+        have = sd[k]
+        if have.shape != want.shape or (have.dtype == torch.int8) != (want.dtype == torch.int8):
+            raise ModelFileError(f"{name}: tensor {k!r} is {have.dtype} {tuple(have.shape)}, expected {want.dtype} "
+                                 f"{tuple(want.shape)}; the file is damaged or not a TurboWan2.2 expert, download "
+                                 "it again")
     model.load_state_dict(sd, strict=True, assign=True)
     if quant == "w8a8" and not ckpt.quantized:  # bf16 file run as w8a8: quantize the block linears now
         _quantize_block_linears(model, quant)

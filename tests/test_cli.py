@@ -423,3 +423,10 @@ def test_damaged_text_encoder_is_one_error_line(tiny, tmp_path, monkeypatch, cap
     assert cli.main(args) == 2
     (line,) = error_lines(capsys)
     assert line.startswith("error: umt5_xxl_fp8_e4m3fn_scaled.safetensors looks truncated")
+
+
+def test_folder_given_as_a_model_option_is_called_a_folder(tiny, tmp_path, capsys, no_loading):
+    argv = generate_args(tiny, tmp_path / "clip.mp4", **{"--high": tmp_path})
+    assert cli.main(argv) == 2
+    (line,) = error_lines(capsys)
+    assert "--high" in line and "is a folder" in line and "does not exist" not in line

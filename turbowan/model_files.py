@@ -83,14 +83,17 @@ def resolve_model_files(models_dir: Union[str, os.PathLike, None],
                         given: dict[str, Union[str, os.PathLike, None]]) -> dict[str, Optional[Path]]:
     """Explicit paths (`given`, by slot key) win; otherwise the first candidate in `models_dir`.
     The text encoder may be absent; the experts and the VAE may not."""
-    from .checkpoint import ModelFileError
+    from .checkpoint import ModelFileError, read_head
 
     found = find_model_files(models_dir) if models_dir else {}
     files: dict[str, Optional[Path]] = {}
     for slot in MODEL_SLOTS:
         path = Path(given[slot.key]).expanduser() if given.get(slot.key) else (found.get(slot.key) or [None])[0]
         if path is not None and not path.is_file():
-            raise ModelFileError(f"{slot.option} {str(path)!r} does not exist; {slot.what} is expected there")
+            try:  # says what the path is: missing, a folder, a link loop, not a regular file
+                read_head(path, f"the {slot.what}")
+            except ModelFileError as exc:
+                raise ModelFileError(f"{slot.option}: {exc}") from None
         files[slot.key] = path
     for slot in MODEL_SLOTS[:3]:
         if files[slot.key] is None:

@@ -212,9 +212,6 @@ class Placement:
         entry = _residents.get(id(model))
         return entry if entry is not None and entry.device == self.device else None
 
-    def _resident_bytes(self, models) -> int:
-        return sum(e.nbytes for m in models if (e := self._entry(m)) is not None and e.how != "stream")
-
     # -- experts -------------------------------------------------------------------------------------------
     def resolve_mode(self, high, low, tokens: int, allow_resident: bool = True) -> str:
         """The mode for this run. ``auto`` first makes room for one expert (so that a text encoder the host

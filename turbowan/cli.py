@@ -184,6 +184,8 @@ def lora_options(values: list[str]) -> list[tuple[Path, float]]:
             out.append((Path(path), float(strength)))
         except ValueError:  # no strength given (or a colon inside the path)
             out.append((Path(value), 1.0))
+        if not math.isfinite(out[-1][1]):
+            raise ValueError(f"LoRA strength in {value!r} must be a finite number")
         read_head(out[-1][0].expanduser(), "a LoRA file (.safetensors)")  # missing, a folder, unreadable: one line
     return out
 

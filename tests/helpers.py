@@ -106,3 +106,18 @@ ORIGINAL_INPUTS = {
                                  "use_ode"},
     "TurboDiffusionSaveVideo": {"frames", "filename_prefix", "fps", "format", "quality", "loop"},
 }
+
+
+def write_tiny_lora(path, seed: int = 0, rank: int = 4, dim: int = 128) -> Path:
+    """A native-layout LoRA (rank 4, alpha 4) on every self-attention q of the tiny 2-block experts (dim 128)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(2):
+        base = f"diffusion_model.blocks.{i}.self_attn.q"
+        sd[f"{base}.lora_down.weight"] = 0.1 * torch.randn(rank, dim, generator=g)
+        sd[f"{base}.lora_up.weight"] = 0.1 * torch.randn(dim, rank, generator=g)
+        sd[f"{base}.alpha"] = torch.tensor(float(rank))
+    save_file(sd, str(path))
+    return Path(path)

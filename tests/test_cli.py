@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import REPO, decode, fixtures_dir
+from helpers import REPO, decode, fixtures_dir, write_tiny_lora
 from turbowan import cli
 
 av = pytest.importorskip("av")
@@ -430,3 +430,28 @@ def test_folder_given_as_a_model_option_is_called_a_folder(tiny, tmp_path, capsy
     assert cli.main(argv) == 2
     (line,) = error_lines(capsys)
     assert "--high" in line and "is a folder" in line and "does not exist" not in line
+
+
+def test_lora_high_and_low_reach_their_own_expert_end_to_end(tiny, tmp_path, monkeypatch):
+    import turbowan
+
+    high_lora, low_lora = write_tiny_lora(tmp_path / "high.safetensors", 1), write_tiny_lora(tmp_path / "low.safetensors", 2)
+    both = write_tiny_lora(tmp_path / "both.safetensors", 3)
+    applied, real = [], turbowan.apply_lora
+
+    def spy(model, path, strength=1.0):
+        applied.append((Path(model.source).name, Path(path).name, strength))
+        return real(model, path, strength)
+
+    monkeypatch.setattr(turbowan, "apply_lora", spy)
+    out = tmp_path / "clip.mp4"
+    argv = generate_args(tiny, out) + ["--lora", both, "--lora-high", f"{high_lora}:0.5", "--lora-low", low_lora]
+    assert cli.main([str(a) for a in argv]) == 0
+    assert decode(out).frames.shape == (9, 48, 64, 3)
+    assert applied == [(tiny["high"].name, "both.safetensors", 1.0), (tiny["high"].name, "high.safetensors", 0.5),
+                       (tiny["low"].name, "both.safetensors", 1.0), (tiny["low"].name, "low.safetensors", 1.0)]
+
+
+def test_missing_lora_file_is_refused_before_loading(tiny, tmp_path, capsys, no_loading):
+    assert_refused(capsys, generate_args(tiny, tmp_path / "o.mp4") + ["--lora-low", tmp_path / "nope.safetensors:0.7"],
+                   "nope.safetensors", "does not exist", "a LoRA file")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from .checkpoint import DiTConfig, ModelFileError
+from .lora import apply_lora
 from .models.dit import WanI2VDiT, load_dit
 from .options import ASPECT_RATIOS, RESOLUTIONS
 from .placement import release, release_all, resident_models
@@ -49,7 +50,7 @@ def write_video(frames, path, fps: int = 16, format: str | None = None, quality:
 
 
 __all__ = [
-    "ASPECT_RATIOS", "DiTConfig", "ModelFileError", "ProgressHook", "RESOLUTIONS", "WanI2VDiT",
+    "ASPECT_RATIOS", "DiTConfig", "ModelFileError", "ProgressHook", "RESOLUTIONS", "WanI2VDiT", "apply_lora",
     "check_num_frames", "expert_schedule", "generate_i2v", "load_dit", "load_text_encoder", "load_vae",
     "rcm_timesteps", "release", "release_all", "resident_models", "target_size", "write_video",
 ]

@@ -173,6 +173,23 @@ def output_paths(output, samples: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(samples)]
 
 
+def lora_options(values: list[str]) -> list[tuple[Path, float]]:
+    """--lora FILE[:STRENGTH] values -> (file, strength); each file checked now, before any model is loaded."""
+    from .checkpoint import read_head
+
+    out = []
+    for value in values:
+        path, _, strength = value.rpartition(":")
+        try:
+            out.append((Path(path), float(strength)))
+        except ValueError:  # no strength given (or a colon inside the path)
+            out.append((Path(value), 1.0))
+        if not math.isfinite(out[-1][1]):
+            raise ValueError(f"LoRA strength in {value!r} must be a finite number")
+        read_head(out[-1][0].expanduser(), "a LoRA file (.safetensors)")  # missing, a folder, unreadable: one line
+    return out
+
+
 def _text_encoder_device(compute, encoder_path: Path):
     """Run the 11 GB umT5 on the GPU only when it fits next to nothing else; otherwise on the CPU (cached)."""
     import torch
@@ -212,6 +229,7 @@ def cmd_generate(args, progress: StageProgress) -> int:
     if args.attention != "original":
         check_sla_topk(args.sla_topk, args.frames, width, height)
     outputs = output_paths(args.output, args.samples)
+    loras = {"high": lora_options(args.lora + args.lora_high), "low": lora_options(args.lora + args.lora_low)}
     device = pick_device(args.device)
     if device.type == "cpu":
         from .checkpoint import DiTConfig
@@ -239,10 +257,13 @@ def cmd_generate(args, progress: StageProgress) -> int:
     load_kwargs = dict(attention=args.attention, sla_topk=args.sla_topk, quant=args.quant, dtype=dtype)
     if getattr(args, "mode", None) is not None:
         load_kwargs["mode"] = args.mode
-    high = turbowan.load_dit(files["high"], **load_kwargs)
-    progress("load", 1, 3)
-    low = turbowan.load_dit(files["low"], **load_kwargs)
-    progress("load", 2, 3)
+    experts = {}
+    for i, slot in enumerate(("high", "low")):
+        experts[slot] = turbowan.load_dit(files[slot], **load_kwargs)
+        for path, strength in loras[slot]:
+            experts[slot] = turbowan.apply_lora(experts[slot], path, strength)
+        progress("load", i + 1, 3)
+    high, low = experts["high"], experts["low"]
     vae = turbowan.load_vae(files["vae"], device="cpu", dtype=dtype)
     progress("load", 3, 3)
     if device.type == "cuda":
@@ -311,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
         files.add_argument(slot.option, dest=slot.key, metavar="FILE", help=f"{slot.what}, e.g. {slot.names[0]}")
     files.add_argument("--tokenizer", metavar="FILE",
                        help="spiece.model or tokenizer.json, for a text encoder file that does not embed one")
+    lora = g.add_argument_group("LoRA (Wan2.2 LoRAs come as high/low pairs: one file per expert)")
+    lora.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                      help="a LoRA for both experts (repeatable; strength default 1)")
+    lora.add_argument("--lora-high", action="append", default=[], metavar="FILE[:STRENGTH]",
+                      help="a LoRA for the high-noise expert only (repeatable)")
+    lora.add_argument("--lora-low", action="append", default=[], metavar="FILE[:STRENGTH]",
+                      help="a LoRA for the low-noise expert only (repeatable)")
     job = g.add_argument_group("video")
     job.add_argument("--frames", type=int, default=81, help="frame count, 4n+1 (default 81)")
     job.add_argument("--steps", type=int, default=4, help="sampling steps, 1-4 (default 4)")

@@ -8,6 +8,7 @@ workflows, so new inputs only ever go last):
 * TurboDiffusionI2VSampler  experts, CONDITIONING, VAE, IMAGE + the seed's widgets -> frames, last_frame
 * TurboDiffusionSaveVideo   frames -> mp4 / webm / gif in ComfyUI's output folder, shown in the node
 * TurboWanLoadTextEmbedding a saved [L, 4096] umT5 embedding -> CONDITIONING (no text encoder needed)
+* TurboWanLoraLoader        MODEL, lora_name, strength -> MODEL with the LoRA applied (chainable)
 
 Memory, and why there is no ModelPatcher: the pipeline places the models itself (one expert at a time,
 or streamed block by block) and moves every model back to the CPU in a ``finally`` block, also on
@@ -39,6 +40,7 @@ import comfy.utils
 import folder_paths
 
 from .checkpoint import file_identity
+from .lora import apply_lora
 from .models.dit import WanI2VDiT, load_dit
 from .models.vae import WanVAE, load_vae, vae_from_state_dict
 from .memory import FFN_CHUNK_TOKENS, activation_bytes
@@ -220,6 +222,43 @@ class TurboWanLoadTextEmbedding:
         except ValueError as exc:
             raise TurboWanError(str(exc)) from None
         return ([[emb, {"pooled_output": None}]],)
+
+
+class TurboWanLoraLoader:
+    """An expert with a LoRA applied (`turbowan.apply_lora`): a new MODEL sharing every untouched weight with the
+    input, which stays as it was for the nodes that still use it. Chain one per LoRA."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A TurboWan expert (TurboWanModelLoader or another LoRA loader)."}),
+                "lora_name": (folder_paths.get_filename_list("loras"), {
+                    "tooltip": "A Wan2.2 I2V A14B LoRA from models/loras; Wan2.2 LoRAs come as high/low pairs: "
+                               "the high-noise file on the high expert, the low-noise file on the low one."}),
+                "strength": ("FLOAT", {
+                    "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                    "tooltip": "LoRA scale. The rCM-distilled TurboWan experts may need less than LoRAs trained on "
+                               "the base Wan2.2 were made for."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Applies a LoRA to one TurboWan expert (int8 experts are re-quantized; untouched weights shared)."
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name, **_):
+        return _identity_or_empty("loras", lora_name)
+
+    def apply(self, model, lora_name, strength=1.0):
+        _check_expert(model, "model")
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        try:
+            return (apply_lora(model, path, strength),)
+        except ValueError as exc:  # ModelFileError: not a LoRA, or one for another model
+            raise TurboWanError(str(exc)) from None
 
 
 # -- sampler -----------------------------------------------------------------------------------------------
@@ -456,6 +495,7 @@ NODE_CLASS_MAPPINGS = {
     "TurboDiffusionI2VSampler": TurboDiffusionI2VSampler,
     "TurboDiffusionSaveVideo": TurboDiffusionSaveVideo,
     "TurboWanLoadTextEmbedding": TurboWanLoadTextEmbedding,
+    "TurboWanLoraLoader": TurboWanLoraLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -464,4 +504,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TurboDiffusionI2VSampler": "TurboDiffusion I2V Sampler",
     "TurboDiffusionSaveVideo": "TurboDiffusion Save Video",
     "TurboWanLoadTextEmbedding": "TurboWan Load Text Embedding",
+    "TurboWanLoraLoader": "TurboWan LoRA Loader",
 }

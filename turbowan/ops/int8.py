@@ -153,8 +153,34 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
 
+class Int8LoraLinear(Int8Linear):
+    """An `Int8Linear` plus LoRA low-rank branches kept apart from the int8 weight (``turbowan.apply_lora`` with
+    ``int8_merge="branch"``): ``y = int8_linear(x) + ((x @ lora_down.T) * lora_scale) @ lora_up.T``, the branch in
+    x's dtype. Chained LoRAs concatenate along the rank: lora_down [r, K], lora_up [N, r], lora_scale fp32 [r]."""
+
+    shares_int8_input = False  # the branch needs x itself, not only its quantization
+
+    @classmethod
+    def wrapping(cls, base: Int8Linear, down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor) -> "Int8LoraLinear":
+        """A layer holding ``base``'s own tensors (shared, not copied) and the branch."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.quant = base.in_features, base.out_features, base.quant
+        for name in ("int8_weight", "scale", "bias"):
+            layer.register_buffer(name, getattr(base, name))
+        layer.register_buffer("lora_down", down)
+        layer.register_buffer("lora_up", up)
+        layer.register_buffer("lora_scale", scale)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.lora_down.to(x.dtype)) * self.lora_scale.to(x.dtype)
+        return super().forward(x) + F.linear(h, self.lora_up.to(x.dtype))
+
+
 def _runs_triton_w8a8(x: torch.Tensor, *layers) -> bool:
-    if not (x.is_cuda and all(isinstance(m, Int8Linear) and m.quant == "w8a8" for m in layers)):
+    if not (x.is_cuda and all(isinstance(m, Int8Linear) and m.quant == "w8a8" and m.shares_int8_input
+                              for m in layers)):
         return False
     from ..kernels import int8_dispatch
 

@@ -9,15 +9,16 @@ workflows, so new inputs only ever go last):
 * TurboDiffusionSaveVideo   frames -> mp4 / webm / gif in ComfyUI's output folder, shown in the node
 * TurboWanLoadTextEmbedding a saved [L, 4096] umT5 embedding -> CONDITIONING (no text encoder needed)
 
-Memory, and why there is no ModelPatcher: the pipeline places the models itself (one expert at a time,
-or streamed block by block) and moves every model back to the CPU in a ``finally`` block, also on
-Cancel. So between runs nothing of ours sits on the GPU, and ComfyUI's accounting has nothing to track;
-what ComfyUI must do is make room *before* each of our loads. The pipeline's ``before_load(nbytes,
-device)`` hook is mapped to ``comfy.model_management.free_memory`` (weights plus an activation estimate
-for this video), which unloads ComfyUI's own models, e.g. the umT5 encoder CLIPTextEncode just used,
-until that much is free. Registering our experts as ModelPatchers would hand their placement to
-``load_models_gpu``, which would fight the pipeline's own moves (and its block streaming) and would
-still record them as loaded after the pipeline moved them off.
+Memory: the pipeline places the models itself (`turbowan.placement`: both experts, one at a time, or streamed
+block by block), and what it keeps on the device after a run stays for the next queue. ComfyUI knows those models:
+each is listed in ``comfy.model_management.current_loaded_models`` through a `TurboWanPatcher`, a ModelPatcher
+whose load is a no-op (placement already put it there, or puts it back on our next run) and whose unload is
+``placement.release``. So our models count in ComfyUI's memory decisions, ComfyUI unloads them when it frees
+memory for another model (``free_memory``, ``load_models_gpu``, ``unload_all_models``, ``/free``), and the
+next queue reloads them. Before each of our loads the pipeline's ``before_load(nbytes, device)`` calls
+``free_memory`` (weights plus an activation estimate) so ComfyUI unloads its own models, e.g. the umT5 encoder
+CLIPTextEncode just used, keeping this run's models loaded. ComfyUI does not move our weights itself:
+``load_models_gpu`` would fight placement's own moves and its block streaming.
 
 Loading is lazy and cached: a loader reads its file when it first executes, and keeps the model for
 later runs, keyed by the file's identity (path, size, mtime) and the options; a changed file or option

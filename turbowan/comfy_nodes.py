@@ -327,7 +327,9 @@ class TurboWanPatcher(comfy.model_patcher.ModelPatcher):
 
 def patcher_of(model, device) -> TurboWanPatcher:
     """The model's patcher for ``device``, made once and kept on the model (ComfyUI holds patchers weakly)."""
-    patchers = model.__dict__.setdefault("_turbowan_patchers", {})
+    patchers = getattr(model, "_turbowan_patchers", None)
+    if patchers is None or any(p.model is not model for p in patchers.values()):  # a shallow copy shares the dict
+        patchers = model._turbowan_patchers = {}
     if device not in patchers:
         patchers[device] = TurboWanPatcher(model, load_device=device, offload_device=torch.device("cpu"),
                                            size=placement.model_bytes(model))

@@ -31,6 +31,22 @@ HIGH, LOW, VAE = "TurboWan2.2-I2V-tiny-high.pth", "TurboWan2.2-I2V-tiny-low.pth"
 FRAMES, WIDTH, HEIGHT = 9, 64, 48
 STARTUP_S, RUN_S = 180, 300
 
+# A custom node beside ours that shows ComfyUI's memory accounting over HTTP (what comfy.model_management lists)
+PROBE = """
+import comfy.model_management as mm
+from aiohttp import web
+from server import PromptServer
+
+NODE_CLASS_MAPPINGS = {}
+
+
+@PromptServer.instance.routes.get("/test_probe/loaded_models")
+async def loaded_models(request):
+    return web.json_response([{"class": type(e.model.model).__name__, "patcher": type(e.model).__name__,
+                               "device": str(e.device), "size": e.model_memory(), "loaded": e.model_loaded_memory()}
+                              for e in mm.current_loaded_models if e.model is not None])
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -120,6 +136,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "Comfyui_turbodiffusion").symlink_to(REPO, target_is_directory=True)
+    (base / "custom_nodes" / "test_probe.py").write_text(PROBE)
     for sub, folder, names in (("diffusion_models", "dit", [HIGH, LOW]), ("vae", "vae", [VAE])):
         (base / "models" / sub).mkdir(parents=True)
         for name in names:
@@ -205,6 +222,27 @@ def test_second_queue_reuses_the_loaded_models(server):
     assert loaders <= cached  # the experts and the VAE were not loaded again
     frames = decode(saved_video(server, entry)).frames
     assert len(frames) == FRAMES
+
+
+def ours_loaded(server) -> list[str]:
+    return sorted(m["class"] for m in server.get("/test_probe/loaded_models") if m["patcher"] == "TurboWanPatcher")
+
+
+def test_comfyui_accounting_sees_our_models_and_free_releases_them(server):
+    loaded = [m for m in server.get("/test_probe/loaded_models") if m["patcher"] == "TurboWanPatcher"]
+    assert sorted(m["class"] for m in loaded) == ["WanI2VDiT", "WanI2VDiT", "WanVAE"], server.log_text()
+    assert all(m["device"] == "cpu" and m["loaded"] == m["size"] > 0 for m in loaded)
+
+    server.post("/free", {"unload_models": True})
+    deadline = time.time() + 30
+    while ours_loaded(server) and time.time() < deadline:  # the prompt worker unloads between queue items
+        time.sleep(0.1)
+    assert ours_loaded(server) == []
+
+    entry = server.wait_done(server.queue(tiny_prompt(seed=5)))  # the loaders are cached: the same expert objects
+    assert entry["status"]["status_str"] == "success", server.log_text()
+    assert len(decode(saved_video(server, entry)).frames) == FRAMES
+    assert ours_loaded(server) == ["WanI2VDiT", "WanI2VDiT", "WanVAE"]
 
 
 def test_stock_vae_loader_works_in_the_same_workflow(server):

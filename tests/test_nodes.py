@@ -27,7 +27,8 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
 from turbowan import comfy_nodes as nodes  # noqa: E402
-from turbowan import generate_i2v, rcm_timesteps  # noqa: E402
+from turbowan import generate_i2v, placement, rcm_timesteps  # noqa: E402
+from turbowan.placement import Placement, tensor_bytes  # noqa: E402
 
 HIGH, LOW, HIGH_QUANT = "TurboWan2.2-I2V-tiny-high.pth", "TurboWan2.2-I2V-tiny-low.pth", "TurboWan2.2-I2V-tiny-high-quant.pth"
 VAE = "Wan2.1_VAE-tiny.pth"
@@ -424,21 +425,101 @@ def test_save_prefix_cannot_escape_the_output_folder(comfy_env):
     assert not (comfy_env.parent / "escape_00001_.mp4").exists()
 
 
-def test_sampler_keeps_nothing_on_the_gpu_between_queues(comfy_env, image, monkeypatch):
-    # ComfyUI cannot evict what its model management does not know: each queue releases the experts at its end
-    seen = {}
+# -- our models in ComfyUI's model management ------------------------------------------------------------------
 
-    def fake_generate(*args, **kwargs):
-        seen.update(kwargs)
+def ours():
+    """The models of ours that ComfyUI lists as loaded."""
+    return [p.model for p in mm.loaded_models() if isinstance(p, nodes.TurboWanPatcher)]
+
+
+def test_queue_leaves_its_models_in_comfyuis_loaded_models(comfy_env, image):
+    high, low = load_experts()
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    expected, _ = run_sampler(high, low, vae, image)
+    assert sorted(map(id, ours())) == sorted(map(id, (high, low, vae)))  # on the CPU they compute where they live
+    for entry in mm.current_loaded_models:
+        assert entry.device == torch.device("cpu")
+        assert entry.model_loaded_memory() == entry.model_memory() == placement.model_bytes(entry.model.model) > 0
+
+    mm.unload_all_models()  # what ComfyUI's /free with unload_models does
+    assert ours() == []
+    again, _ = run_sampler(high, low, vae, image)
+    assert torch.equal(again, expected) and len(ours()) == 3
+
+
+CUDA = torch.device("cuda")
+
+
+def placement_only(mode: str):
+    """generate_i2v reduced to what it asks of placement for the experts in ``mode`` (the fake GPU cannot compute)."""
+
+    def generate(high, low, vae, image, text, *, device, before_load, keep_loaded, **_):
+        place = Placement(device, before_load, keep_loaded=keep_loaded)
+        try:
+            for expert in (high, low):
+                place.load_expert(expert, mode)
+                if mode == "swap":
+                    place.unload(expert)
+        finally:
+            place.finish(True)
         return torch.zeros(1, 5, 32, 32, 3)
 
-    monkeypatch.setattr(nodes, "generate_i2v", fake_generate)
+    return generate
+
+
+@pytest.fixture
+def comfy_gpu(comfy_env, fake_gpu, monkeypatch):
+    """The double as ComfyUI on a (simulated) CUDA card, whose free memory is ``fake_gpu['free']``."""
+    monkeypatch.setattr(mm, "get_torch_device", lambda: CUDA)
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: torch.cuda.mem_get_info(dev)[0])
+    return fake_gpu
+
+
+def gpu_queue(monkeypatch, image, mode="resident"):
+    monkeypatch.setattr(nodes, "generate_i2v", placement_only(mode))
     high, low = load_experts()
     (vae,) = nodes.TurboWanVAELoader().load(VAE)
     run_sampler(high, low, vae, image)
-    assert seen["keep_loaded"] is False and seen["one_expert_at_a_time"] is True
+    return high, low
 
 
+def test_resident_experts_count_in_comfyuis_memory_and_free_reloads_them(comfy_gpu, image, monkeypatch):
+    high, low = gpu_queue(monkeypatch, image)
+    assert placement.resident_models(CUDA) == [high, low] and ours() == [low, high]  # most recently used first
+    assert [e.model_loaded_memory() for e in mm.current_loaded_models] == [tensor_bytes(low), tensor_bytes(high)]
+    assert all(e.device == CUDA and e.model_offloaded_memory() == 0 for e in mm.current_loaded_models)
+
+    mm.unload_all_models()
+    assert placement.resident_models(CUDA) == [] and ours() == []
+    uploads = comfy_gpu["uploads"]
+    gpu_queue(monkeypatch, image)
+    assert comfy_gpu["uploads"] > uploads  # copied in again by our placement
+    assert placement.resident_models(CUDA) == [high, low] and ours() == [low, high]
+
+
+def test_comfyui_freeing_memory_for_its_own_model_offloads_only_what_it_needs(comfy_gpu, image, monkeypatch):
+    high, low = gpu_queue(monkeypatch, image)
+    comfy_gpu["free"] = tensor_bytes(high) + tensor_bytes(low) + 1000  # the experts fill the card
+    (unloaded,) = mm.free_memory(tensor_bytes(low), CUDA)  # as load_models_gpu does for a model of its own
+    left = low if unloaded.model.model is high else high
+    assert placement.resident_models(CUDA) == [left] and ours() == [left]
+
+
+@pytest.mark.parametrize("mode, kept", [("swap", 0), ("stream", 2)])
+def test_only_what_the_mode_keeps_resident_is_registered(comfy_gpu, image, monkeypatch, mode, kept):
+    gpu_queue(monkeypatch, image)  # resident first: its entries must not outlive the next run's placement
+    high, low = gpu_queue(monkeypatch, image, mode)
+    assert len(ours()) == kept
+    for entry in mm.current_loaded_models:  # stream: the small parts stay, the blocks live in host memory
+        assert 0 < entry.model_loaded_memory() < entry.model_memory()
+
+
+def test_before_load_keeps_the_running_jobs_models(comfy_gpu, image, monkeypatch):
+    high, low = gpu_queue(monkeypatch, image)
+    nodes.make_before_load(0, (high, low))(1 << 60, CUDA)
+    assert ours() == [low, high]
+    nodes.make_before_load(0)(1 << 60, CUDA)  # a run with other experts: ComfyUI frees ours
+    assert ours() == [] and placement.resident_models(CUDA) == []
 
 
 def test_inputs_added_after_the_original_node_are_optional():

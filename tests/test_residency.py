@@ -1,7 +1,7 @@
 """Models stay on the device between runs until memory is needed or they are released; the staging ring copies
 pageable and memory-mapped weights exactly.
 
-CUDA is simulated on the CPU: the ring copies into CPU tensors and free memory is a number the tests set."""
+CUDA is simulated on the CPU (the ``fake_gpu`` fixture in conftest.py)."""
 
 import pytest
 import torch
@@ -14,29 +14,6 @@ from turbowan.staging import StagingRing
 
 TINY = DiTConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=3)
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """A 'cuda' device whose copies land in CPU memory; ``state['free']`` is the free memory it reports, minus
-    what resident models hold. Returns the state, with the number of tensors uploaded so far."""
-    state = {"free": 1 << 40, "uploads": 0}
-    ring = StagingRing(torch.device("cpu"), slot_bytes=4096, slots=3, threads=2)
-    real_upload = ring.upload
-
-    def counting_upload(sources):
-        state["uploads"] += len(sources)
-        return real_upload(sources)
-
-    ring.upload = counting_upload
-    monkeypatch.setattr("turbowan.placement.staging_ring", lambda device: ring)
-    held = lambda: sum(e.nbytes for e in placement._residents.values())  # noqa: E731
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"] - held(), state["free"]))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-    yield state
-    release_all()
-    ring.close()
 
 
 def _experts(seed=0):

@@ -10,15 +10,16 @@ workflows, so new inputs only ever go last):
 * TurboWanLoadTextEmbedding a saved [L, 4096] umT5 embedding -> CONDITIONING (no text encoder needed)
 * TurboWanLoraLoader        MODEL, lora_name, strength -> MODEL with the LoRA applied (chainable)
 
-Memory, and why there is no ModelPatcher: the pipeline places the models itself (one expert at a time,
-or streamed block by block) and moves every model back to the CPU in a ``finally`` block, also on
-Cancel. So between runs nothing of ours sits on the GPU, and ComfyUI's accounting has nothing to track;
-what ComfyUI must do is make room *before* each of our loads. The pipeline's ``before_load(nbytes,
-device)`` hook is mapped to ``comfy.model_management.free_memory`` (weights plus an activation estimate
-for this video), which unloads ComfyUI's own models, e.g. the umT5 encoder CLIPTextEncode just used,
-until that much is free. Registering our experts as ModelPatchers would hand their placement to
-``load_models_gpu``, which would fight the pipeline's own moves (and its block streaming) and would
-still record them as loaded after the pipeline moved them off.
+Memory: the pipeline places the models itself (`turbowan.placement`: both experts, one at a time, or streamed
+block by block), and what it keeps on the device after a run stays for the next queue. ComfyUI knows those models:
+each is listed in ``comfy.model_management.current_loaded_models`` through a `TurboWanPatcher`, a ModelPatcher
+whose load is a no-op (placement already put it there, or puts it back on our next run) and whose unload is
+``placement.release``. So our models count in ComfyUI's memory decisions, ComfyUI unloads them when it frees
+memory for another model (``free_memory``, ``load_models_gpu``, ``unload_all_models``, ``/free``), and the
+next queue reloads them. Before each of our loads the pipeline's ``before_load(nbytes, device)`` calls
+``free_memory`` (weights plus an activation estimate) so ComfyUI unloads its own models, e.g. the umT5 encoder
+CLIPTextEncode just used, keeping this run's models loaded. ComfyUI does not move our weights itself:
+``load_models_gpu`` would fight placement's own moves and its block streaming.
 
 Loading is lazy and cached: a loader reads its file when it first executes, and keeps the model for
 later runs, keyed by the file's identity (path, size, mtime) and the options; a changed file or option
@@ -36,9 +37,11 @@ import weakref
 import torch
 
 import comfy.model_management as mm
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
+from . import placement
 from .checkpoint import file_identity
 from .lora import apply_lora
 from .models.dit import WanI2VDiT, load_dit
@@ -328,12 +331,83 @@ class ComfyProgress:
         mm.throw_exception_if_processing_interrupted()
 
 
-def make_before_load(working_bytes: int):
-    """``before_load(nbytes, device)`` for the pipeline: ask ComfyUI to free room for the weights + activations."""
+# -- ComfyUI's model management ---------------------------------------------------------------------------
+
+class TurboWanPatcher(comfy.model_patcher.ModelPatcher):
+    """Stands for one of our models (an expert or the VAE) in ComfyUI's list of loaded models.
+
+    `turbowan.placement` moves the weights (whole, or streamed block by block); this only reports what placement
+    keeps on the device and gives it back when ComfyUI unloads the model. Loading is a no-op: our next run puts
+    the model back where its execution mode wants it."""
+
+    def loaded_size(self):
+        return placement.device_bytes(self.model, self.load_device)
+
+    def current_loaded_device(self):
+        return self.load_device if self.loaded_size() > 0 else self.offload_device
+
+    def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
+        return self.model
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        return 0
+
+    def partially_unload(self, device_to, memory_to_free=0):
+        return 0  # all or nothing: ComfyUI then unloads the whole model (detach)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:
+            placement.release(self.model)
+
+    def detach(self, unpatch_all=True):
+        self.unpatch_model(unpatch_weights=unpatch_all)
+        return self.model
+
+
+def patcher_of(model, device) -> TurboWanPatcher:
+    """The model's patcher for ``device``, made once and kept on the model (ComfyUI holds patchers weakly)."""
+    patchers = getattr(model, "_turbowan_patchers", None)
+    if patchers is None or any(p.model is not model for p in patchers.values()):  # a shallow copy shares the dict
+        patchers = model._turbowan_patchers = {}
+    if device not in patchers:
+        patchers[device] = TurboWanPatcher(model, load_device=device, offload_device=torch.device("cpu"),
+                                           size=placement.model_bytes(model))
+    return patchers[device]
+
+
+def _our_entries():
+    return [e for e in mm.current_loaded_models if isinstance(e.model, TurboWanPatcher)]
+
+
+def sync_loaded_models(models, device) -> None:
+    """After a run, make ComfyUI's loaded models list ours exactly as placement left them on ``device``.
+
+    Not through ``load_models_gpu``: it would first free its inference reserve, which can evict the experts this
+    run just left resident. An entry is made as load_models_gpu makes it (`LoadedModel.model_load`)."""
+    for entry in _our_entries():  # placement released these itself (swap, a failed run, room for another)
+        if entry.model.loaded_size() == 0:
+            entry.model_unload()
+            mm.current_loaded_models.remove(entry)
+    for model in models:
+        if placement.device_bytes(model, device) == 0:
+            continue
+        entry = mm.LoadedModel(patcher_of(model, device))
+        if entry in mm.current_loaded_models:
+            entry = mm.current_loaded_models.pop(mm.current_loaded_models.index(entry))
+            entry.currently_used = True
+        else:
+            entry.model_load()
+        mm.current_loaded_models.insert(0, entry)  # most recently used first, as ComfyUI keeps the list
+
+
+def make_before_load(working_bytes: int, models=()):
+    """``before_load(nbytes, device)`` for the pipeline: ask ComfyUI to free room for the weights + activations,
+    keeping ``models`` (this run's, which placement reuses where they are) loaded."""
 
     def before_load(nbytes: int, device) -> None:
         wanted = int(nbytes) + int(working_bytes)
-        mm.free_memory(wanted, device)
+        keep = [e for e in _our_entries() if e.model.model in models]
+        mm.free_memory(wanted, device, keep_loaded=keep)
         free = mm.get_free_memory(device)
         if free < nbytes:
             log.warning("turbowan: %.1f GiB free on %s for %.1f GiB of weights after ComfyUI unloaded what it could",
@@ -404,6 +478,7 @@ class TurboDiffusionI2VSampler:
             raise TurboWanError(
                 f"the image input is a batch of {image.shape[0]} images; connect one (e.g. through ImageFromBatch)")
 
+        device, models = mm.get_torch_device(), (high_noise_model, low_noise_model, wan_vae)
         try:
             size = {"width": width or None, "height": height or None}  # 0 = from the preset
             w, h = target_size((image.shape[-2], image.shape[-3]), resolution, aspect_ratio, adaptive_resolution, **size)
@@ -416,14 +491,15 @@ class TurboDiffusionI2VSampler:
                 high_noise_model, low_noise_model, wan_vae, image, text,
                 num_frames=num_frames, num_steps=num_steps, resolution=resolution, aspect_ratio=aspect_ratio,
                 adaptive_resolution=adaptive_resolution, **size, boundary=boundary, sigma_max=sigma_max, seed=seed,
-                ode=use_ode, progress=progress, device=mm.get_torch_device(),
-                before_load=make_before_load(working_bytes),
+                ode=use_ode, progress=progress, device=device,
+                before_load=make_before_load(working_bytes, models),
                 one_expert_at_a_time=True,  # 'auto' never parks both experts on a GPU ComfyUI shares
-                keep_loaded=False,  # ComfyUI cannot evict what it does not manage: nothing of ours stays between runs
+                keep_loaded=True,  # what stays is registered below, so ComfyUI can unload it when it needs room
             )
         except ValueError as exc:  # bad inputs (4n+1, conditioning width, swapped experts, ...): one sentence
             raise TurboWanError(str(exc)) from None
         finally:
+            sync_loaded_models(models, device)  # also after a failure or Cancel, which release the models
             mm.soft_empty_cache()
         video = frames[0]  # [T, H, W, 3], float32 in [0, 1], CPU
         return (video, video[-1:].clone())

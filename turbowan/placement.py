@@ -51,6 +51,11 @@ def tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for _, _, t in module_tensors(module))
 
 
+def model_bytes(model) -> int:
+    """All of a model's weights: an nn.Module's, or those of the network a wrapper (our WanVAE) holds as ``.model``."""
+    return tensor_bytes(model.model) if hasattr(model, "model") else tensor_bytes(model)
+
+
 class HostWeights:
     """A module's weights: the home copy in host memory, and device copies attached on demand."""
 
@@ -185,6 +190,16 @@ def resident_models(device=None) -> list:
     return [e.model for e in _residents.values() if device is None or e.device == device]
 
 
+def device_bytes(model, device) -> int:
+    """Bytes of ``model``'s weights on ``device``: what residency keeps there, or all of them for a model that
+    lives there (a CPU run computes in place)."""
+    device = torch.device(device)
+    entry = _residents.get(id(model))
+    if entry is not None:
+        return entry.nbytes if entry.device == device else 0
+    return model_bytes(model) if model.device == device else 0
+
+
 def _empty_cache(devices) -> None:
     if any(d.type == "cuda" for d in devices):
         torch.cuda.empty_cache()
@@ -310,7 +325,7 @@ class Placement:
 
     def _move(self, model) -> None:
         home = model.device
-        nbytes = tensor_bytes(model.model) if hasattr(model, "model") else tensor_bytes(model)
+        nbytes = model_bytes(model)
         self._make_room(nbytes)
         model.to(self.device)
         _residents[id(model)] = Resident(model, self.device, "move", home, nbytes)

@@ -131,6 +131,7 @@ class LoadedModel:
         self.device = model.load_device
         self.real_model = None
         self.currently_used = True
+        self.model_finalizer = None
 
     @property
     def model(self):
@@ -152,15 +153,27 @@ class LoadedModel:
 
     def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
         self.model.model_patches_to(self.device)
-        self.model.partially_load(self.device, 1e32, force_patch_weights=force_patch_weights)
+        self.model.model_patches_to(self.model.model_dtype())
+        self.model_use_more_vram(lowvram_model_memory or 1e32, force_patch_weights=force_patch_weights)
         real_model = self.model.model
         self.real_model = weakref.ref(real_model)
+        self.model_finalizer = weakref.finalize(real_model, cleanup_models)
         return real_model
 
     def model_unload(self, memory_to_free=None, unpatch_weights=True):
+        """Unload all of the model (True), or only ``memory_to_free`` bytes of it where it can (False: still listed)."""
+        if memory_to_free is not None and memory_to_free < self.model.loaded_size():
+            freed = self.model.partially_unload(self.model.offload_device, memory_to_free)
+            if freed >= memory_to_free:
+                return False
         self.model.detach(unpatch_weights)
+        self.model_finalizer.detach()
+        self.model_finalizer = None
         self.real_model = None
         return True
+
+    def model_use_more_vram(self, extra_memory, force_patch_weights=False):
+        return self.model.partially_load(self.device, extra_memory, force_patch_weights=force_patch_weights)
 
     def is_dead(self):
         return self.real_model is not None and self.real_model() is not None and self.model is None
@@ -177,10 +190,8 @@ def loaded_models(only_currently_used=False):
 
 
 def free_memory(memory_required, device, keep_loaded=[]):
-    """Unload models on ``device`` (least recently loaded first) until ``memory_required`` bytes are free.
-
-    Returns the LoadedModel entries it unloaded.
-    """
+    """Unload models on ``device`` until ``memory_required`` bytes are free: those with the least offloaded first,
+    then the least referenced, then the smallest. Returns the LoadedModel entries it unloaded."""
     candidates = []
     for i in range(len(current_loaded_models) - 1, -1, -1):
         entry = current_loaded_models[i]
@@ -190,9 +201,13 @@ def free_memory(memory_required, device, keep_loaded=[]):
 
     unloaded = []
     for *_, i in sorted(candidates):
-        if not DISABLE_SMART_MEMORY and get_free_memory(device) > memory_required:
-            break
-        if current_loaded_models[i].model_unload(memory_required):
+        memory_to_free = None
+        if not DISABLE_SMART_MEMORY:
+            free = get_free_memory(device)
+            if free > memory_required:
+                break
+            memory_to_free = memory_required - free
+        if current_loaded_models[i].model_unload(memory_to_free):
             unloaded.append(i)
     removed = [current_loaded_models.pop(i) for i in sorted(unloaded, reverse=True)]
     if removed:
@@ -219,7 +234,7 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
             free_memory(nbytes * 1.1 + extra_mem, device)
 
     for entry in to_load:
-        if entry in current_loaded_models:
+        if entry in current_loaded_models:  # ComfyUI unloads it as a clone of itself (detach(unpatch_all=False))
             current_loaded_models.remove(entry)
         entry.model_load(0, force_patch_weights=force_patch_weights)
         current_loaded_models.insert(0, entry)
@@ -230,7 +245,8 @@ def load_model_gpu(model):
 
 
 def cleanup_models():
-    current_loaded_models[:] = [m for m in current_loaded_models if m.model is not None]
+    """Drop the entries whose model was garbage collected (each loaded model's finalizer calls this)."""
+    current_loaded_models[:] = [m for m in current_loaded_models if m.real_model is None or m.real_model() is not None]
 
 
 def soft_empty_cache(force=False):

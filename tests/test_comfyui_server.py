@@ -130,7 +130,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from helpers import fixtures_dir
+    from helpers import fixtures_dir, write_tiny_lora
 
     fixtures = fixtures_dir()
     base = tmp_path_factory.mktemp("comfyui_base")
@@ -141,6 +141,8 @@ def server(tmp_path_factory):
         (base / "models" / sub).mkdir(parents=True)
         for name in names:
             shutil.copy(fixtures / folder / name, base / "models" / sub / name)
+    (base / "models" / "loras").mkdir(parents=True)
+    write_tiny_lora(base / "models" / "loras" / "tiny_high.safetensors", seed=1)
     (base / "input").mkdir()
     shutil.copy(fixtures / "pipeline" / "input_image.png", base / "input" / "start.png")
     import torch
@@ -295,6 +297,18 @@ def test_interrupt_then_clean_run(server):
     assert after["status"]["status_str"] == "success", server.log_text()
     frames = decode(saved_video(server, after)).frames
     assert len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
+
+
+def test_lora_loader_chains_between_the_model_loader_and_the_sampler(server):
+    prompt = tiny_prompt(seed=5)
+    sampler = next(v for v in prompt.values() if v["class_type"] == "TurboDiffusionI2VSampler")
+    prompt["90"] = {"class_type": "TurboWanLoraLoader",
+                    "inputs": {"model": sampler["inputs"]["high_noise_model"], "lora_name": "tiny_high.safetensors",
+                               "strength": 0.8}}
+    sampler["inputs"]["high_noise_model"] = ["90", 0]
+    entry = server.wait_done(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", server.log_text()
+    assert len(decode(saved_video(server, entry)).frames) == FRAMES
 
 
 def test_original_node_api_workflow_runs_unchanged(server):  # last: it replaces the cached loaders

@@ -33,9 +33,9 @@ def fake_gpu(monkeypatch):
     ring = StagingRing(torch.device("cpu"), slot_bytes=4096, slots=3, threads=2)
     real_upload = ring.upload
 
-    def counting_upload(sources):
+    def counting_upload(sources, files=None):
         state["uploads"] += len(sources)
-        return real_upload(sources)
+        return real_upload(sources, files)
 
     ring.upload = counting_upload
     monkeypatch.setattr("turbowan.placement.staging_ring", lambda device: ring)

@@ -150,7 +150,28 @@ def test_ring_reads_memory_mapped_weights_from_their_file(tmp_path):
     try:
         if ring.files is None:
             pytest.skip("no os.preadv on this platform: mapped weights are copied like any other")
-        assert ring._file_of(mapped.reshape(-1).view(torch.uint8)) is not None
-        assert ring._file_of(torch.randn(64, 64).reshape(-1).view(torch.uint8)) is None
+        found, anonymous = ring.locate([mapped, torch.randn(64, 64)])
+        assert found is not None and anonymous is None
+        (out,) = ring.upload([mapped], [found]).wait()
+        assert torch.equal(out, mapped)
+    finally:
+        ring.close()
+
+
+def test_ring_never_reads_a_file_that_replaced_the_mapped_one(tmp_path):
+    path = tmp_path / "m.pth"
+    torch.save({"w": torch.ones(64, 64)}, path)
+    mapped = torch.load(path, weights_only=True, mmap=True)["w"]
+    ring = StagingRing(torch.device("cpu"), slot_bytes=4096, slots=2, threads=1)
+    try:
+        if ring.files is None:
+            pytest.skip("no os.preadv on this platform")
+        (found,) = ring.locate([mapped])
+        path.unlink()
+        torch.save({"w": torch.zeros(64, 64)}, path)  # a new file (new inode) under the same name
+        (later,) = ring.locate([mapped])
+        assert later == found  # still the mapped file's descriptor
+        (out,) = ring.upload([mapped], [later]).wait()
+        assert torch.equal(out, torch.ones(64, 64))
     finally:
         ring.close()

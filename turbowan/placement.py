@@ -62,9 +62,13 @@ class HostWeights:
     def __init__(self, module: nn.Module):
         self.entries = module_tensors(module)
         self.host = [t.data for _, _, t in self.entries]
+        self.files = None  # where memory-mapped host tensors lie in their files (found on the first upload)
 
     def upload(self, device: torch.device) -> Upload:
-        return staging_ring(device).upload(self.host)
+        ring = staging_ring(device)
+        if self.files is None:  # valid for good: self.host keeps the mappings alive
+            self.files = ring.locate(self.host)
+        return ring.upload(self.host, self.files)
 
     def attach(self, bufs) -> None:
         for (mod, name, _), d in zip(self.entries, bufs):

@@ -21,6 +21,7 @@ check the chunking and slot reuse.
 
 from __future__ import annotations
 
+import bisect
 import os
 import queue
 import threading
@@ -40,39 +41,54 @@ def _default_threads() -> int:
 
 
 class MappedFiles:
-    """Which file, at which offset, backs an address of this process (Linux ``/proc/self/maps``; elsewhere none)."""
+    """Which file, at which offset, backs the bytes of memory-mapped tensors (Linux ``/proc/self/maps``).
+
+    A location is only valid while the mapping lives: callers ask for the tensors they hold (which keeps their
+    mapping alive), and every `locate` reads the maps afresh, since an address of a model freed earlier may now
+    belong to another file's mapping. Files are opened by identity (device and inode), not by path, so a file
+    replaced on disk is never read in place of the one that is mapped."""
 
     def __init__(self):
-        self.maps: list[tuple[int, int, int, str]] = []  # (start, end, file offset, path)
-        self.fds: dict[str, int] = {}
+        self.fds: dict[tuple[str, str], int] = {}  # (device, inode) -> read-only descriptor
         self.lock = threading.Lock()
 
-    def locate(self, addr: int, nbytes: int) -> Optional[tuple[int, int]]:
-        """(file descriptor, offset) of ``nbytes`` mapped at ``addr`` from one file, or None."""
-        with self.lock:
-            for refresh in (False, True):
-                if refresh and not self._refresh():
-                    return None
-                for start, end, offset, path in self.maps:
-                    if start <= addr and addr + nbytes <= end:
-                        if path not in self.fds:
-                            self.fds[path] = os.open(path, os.O_RDONLY)
-                        return self.fds[path], offset + addr - start
-        return None
-
-    def _refresh(self) -> bool:
+    def locate(self, tensors: Sequence[torch.Tensor]) -> Optional[list[Optional[tuple[int, int]]]]:
+        """(fd, offset) of each tensor's bytes when one file mapping holds them all, else None per tensor;
+        None when the maps cannot be read (not Linux)."""
         try:
             with open("/proc/self/maps") as f:
                 lines = f.read().splitlines()
         except OSError:
-            return False
-        self.maps = []
+            return None
+        maps = []  # (start, end, file offset, (device, inode), path)
         for line in lines:
             parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].startswith("/") and not parts[5].endswith("(deleted)"):
+            if len(parts) == 6 and parts[5].startswith("/"):
                 start, end = (int(x, 16) for x in parts[0].split("-"))
-                self.maps.append((start, end, int(parts[2], 16), parts[5]))
-        return True
+                # a deleted (replaced) file: usable only through a descriptor opened before, never by its path
+                path = None if parts[5].endswith(" (deleted)") else parts[5]
+                maps.append((start, end, int(parts[2], 16), (parts[3], parts[4]), path))
+        maps.sort()
+        starts = [m[0] for m in maps]
+        out = []
+        with self.lock:
+            for t in tensors:
+                addr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+                i = bisect.bisect_right(starts, addr) - 1
+                if nbytes == 0 or i < 0 or addr + nbytes > maps[i][1]:
+                    out.append(None)
+                    continue
+                start, _, offset, identity, path = maps[i]
+                if identity not in self.fds and path is not None:
+                    fd = os.open(path, os.O_RDONLY)
+                    if os.fstat(fd).st_ino != int(identity[1]):  # replaced since /proc/self/maps was read
+                        os.close(fd)
+                        out.append(None)
+                        continue
+                    self.fds[identity] = fd
+                fd = self.fds.get(identity)
+                out.append(None if fd is None else (fd, offset + addr - start))
+        return out
 
 
 def _pread_into(fd: int, offset: int, out: np.ndarray) -> None:
@@ -126,14 +142,20 @@ class StagingRing:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.pool = ThreadPoolExecutor(threads or _default_threads(), thread_name_prefix="turbowan-staging")
         self.files = MappedFiles() if hasattr(os, "preadv") else None
-        self.sources: dict[tuple[int, int], Optional[tuple[int, int]]] = {}  # (address, bytes) -> file and offset
 
     @property
     def pinned_bytes(self) -> int:
         return self.slot_bytes * len(self.buffers) if self.cuda else 0
 
-    def upload(self, sources: Sequence[torch.Tensor]) -> Upload:
-        """Start copying ``sources`` (CPU tensors, pageable or memory-mapped) to new tensors on the device."""
+    def locate(self, sources: Sequence[torch.Tensor]) -> list[Optional[tuple[int, int]]]:
+        """Where each source's bytes lie in a mapped file ((fd, offset), or None): for `upload`'s ``files``. Valid
+        while the caller holds the tensors."""
+        found = self.files.locate(sources) if self.files is not None else None
+        return found if found is not None else [None] * len(sources)
+
+    def upload(self, sources: Sequence[torch.Tensor], files: Optional[Sequence] = None) -> Upload:
+        """Start copying ``sources`` (CPU tensors, pageable or memory-mapped) to new tensors on the device;
+        ``files`` (from `locate`) lets mapped ones be read from their file."""
         destinations = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in sources]
         if self.cuda:
             # The new tensors may reuse memory the current stream is still reading: copy only after it; and
@@ -142,24 +164,15 @@ class StagingRing:
             for d in destinations:
                 d.record_stream(self.stream)
         futures = []
-        for src, dst in zip(sources, destinations):
-            src = src if src.is_contiguous() else src.contiguous()
+        for src, dst, where in zip(sources, destinations, files or [None] * len(sources)):
+            if not src.is_contiguous():
+                src, where = src.contiguous(), None
             src_b, dst_b = _bytes(src), _bytes(dst)
-            where = self._file_of(src_b)
             for start in range(0, src_b.numel(), self.slot_bytes):
                 end = min(src_b.numel(), start + self.slot_bytes)
                 chunk_file = None if where is None else (where[0], where[1] + start)
                 futures.append(self.pool.submit(self._copy_chunk, src_b[start:end], dst_b[start:end], chunk_file))
         return Upload(self, destinations, futures)
-
-    def _file_of(self, src: torch.Tensor) -> Optional[tuple[int, int]]:
-        """(fd, offset) when ``src``'s bytes are a memory-mapped file's (remembered per tensor), else None."""
-        if self.files is None or src.numel() == 0:
-            return None
-        key = (src.data_ptr(), src.numel())
-        if key not in self.sources:
-            self.sources[key] = self.files.locate(*key)
-        return self.sources[key]
 
     def _copy_chunk(self, src: torch.Tensor, dst: torch.Tensor,
                     file: Optional[tuple[int, int]]) -> Optional[torch.cuda.Event]:

@@ -455,3 +455,13 @@ def test_lora_high_and_low_reach_their_own_expert_end_to_end(tiny, tmp_path, mon
 def test_missing_lora_file_is_refused_before_loading(tiny, tmp_path, capsys, no_loading):
     assert_refused(capsys, generate_args(tiny, tmp_path / "o.mp4") + ["--lora-low", tmp_path / "nope.safetensors:0.7"],
                    "nope.safetensors", "does not exist", "a LoRA file")
+
+
+def test_more_gpus_than_cuda_devices_are_refused_in_one_line(tiny, tmp_path, capsys, no_loading, monkeypatch):
+    out = tmp_path / "clip.mp4"
+    if not torch.cuda.is_available():  # a CPU machine refuses any count
+        assert_refused(capsys, generate_args(tiny, out, **{"--gpus": 1}), "--gpus 1", "sees none here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert_refused(capsys, generate_args(tiny, out, **{"--gpus": 3}), "--gpus 3", "this machine has 2", "at most 2")
+    assert_refused(capsys, generate_args(tiny, out, **{"--gpus": 0}), "--gpus must be at least 1")

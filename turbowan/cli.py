@@ -206,10 +206,15 @@ def cmd_generate(args, progress: StageProgress) -> int:
     import torch
 
     import turbowan
-    from .devices import pick_device, set_cpu_threads, warm_up_in_background
+    from .devices import check_gpu_count, pick_device, set_cpu_threads, warm_up_in_background
     from .pipeline import check_cpu_memory, check_run_options, open_image, target_size
 
     # 1. everything that can be refused without loading a model
+    if args.gpus is not None:
+        check_gpu_count(args.gpus)
+        if args.gpus > 1:  # the sequence-parallel pipeline is there (generate_i2v(sequence_parallel=True))
+            raise ValueError(f"--gpus {args.gpus}: starting one process per GPU is not built yet; run the Python "
+                             "API under torchrun with generate_i2v(..., sequence_parallel=True)")
     check_run_options(args.frames, args.steps, args.seed, args.sigma_max, args.boundary, args.samples,
                       names=OPTION_NAMES)
     if not 0 <= args.quality <= 10:
@@ -361,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "default auto: w8a8 where our int8 kernel runs, else w8a16")
     run.add_argument("--mode", default="auto", choices=list(EXECUTION_MODES),
                      help="where the expert weights live on CUDA (default auto; see `turbowan doctor`)")
+    run.add_argument("--gpus", type=int, metavar="N",
+                     help="CUDA GPUs to split the job over (sequence parallelism; at most the cards present)")
     run.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present; bf16 on a GPU, "
                      "float32 on a CPU)")
     out = g.add_argument_group("output")

@@ -41,6 +41,16 @@ def check_device(device, option: str = "device") -> torch.device:
     return device
 
 
+def check_gpu_count(count: int, option: str = "--gpus") -> None:
+    """Refuse a GPU count below 1 or above the CUDA devices this process sees, in one sentence."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 1:
+        raise ValueError(f"{option} must be at least 1, got {count}")
+    if count > have:
+        seen = f"this machine has {have}" if have else f"torch {torch.__version__} sees none here"
+        raise ValueError(f"{option} {count} asks for {count} CUDA GPUs, but {seen}; use at most {have}")
+
+
 def free_cuda_bytes(device: torch.device) -> int:
     """Free memory on a CUDA device for this process: what the driver reports plus what PyTorch caches unused,
     capped by `torch.cuda.set_per_process_memory_fraction` when one is set."""

@@ -16,6 +16,7 @@ application (ComfyUI) can free memory; a failed or cancelled run releases everyt
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from .checkpoint import ModelFile, ModelFileError
 from .devices import check_device, default_device
 from .memory import available_ram_bytes, cpu_run_bytes
 from .model_files import check_expert_slots
+from .ops.sequence_parallel import check_world_size
 from .options import ASPECT_RATIOS, RESOLUTIONS, SIZE_MULTIPLE, TEXT_LEN, TEXT_WIDTH, latent_tokens
 from .placement import Placement
 from .progress import ProgressHook
@@ -251,6 +253,7 @@ def generate_i2v(
     keep_loaded: bool = True,
     on_frames: Optional[Callable[[int, int, torch.Tensor], None]] = None,
     return_frames: bool = True,
+    sequence_parallel: bool = False,
 ) -> Optional[torch.Tensor]:
     """Generate ``num_samples`` videos from one image and one prompt embedding.
 
@@ -267,6 +270,11 @@ def generate_i2v(
     [0, 1] on the device, frames ``start .. start + t - 1`` of that sample): a video writer can encode while the
     VAE decodes. ``return_frames=False`` returns None instead of copying the whole video to the CPU (for a
     caller that takes the frames through ``on_frames``).
+    ``sequence_parallel=True``: call on every rank of an initialised default `torch.distributed` process group
+    with the same arguments (on GPUs, ``device`` is each rank's own card); the experts split the tokens over the
+    ranks (Ulysses) and every rank returns the same frames, equal to a one-process run's (the noise is drawn
+    once from the seeded CPU generator, so the result does not depend on the rank count). The VAE still runs
+    whole on every rank: its encode and decode are a small share of the job next to the 4 expert steps.
     """
     # everything that can be refused is refused here, before any VAE or DiT work
     check_run_options(num_frames, num_steps, seed, sigma_max, boundary, num_samples)
@@ -276,6 +284,7 @@ def generate_i2v(
     dtype = high.dtype
     if low.dtype != dtype:
         raise ValueError(f"the two experts were loaded with different dtypes ({high.dtype} and {low.dtype})")
+    group = _sequence_group(high, low) if sequence_parallel else None
 
     img, is_uint8 = image_to_tensor(image)
     w, h = target_size((img.shape[-1], img.shape[-2]), resolution, aspect_ratio, adaptive_resolution, width, height)
@@ -323,7 +332,7 @@ def generate_i2v(
             if mode == "stream":
                 place.drop_prefetched()  # the previous expert's blocks copied in ahead
             place.load_expert(experts[name], mode)
-            return experts[name]
+            return experts[name] if group is None else functools.partial(experts[name], sequence_group=group)
 
         samples = sample_rcm(
             select, noise, context.repeat(num_samples, 1, 1), y,
@@ -349,6 +358,18 @@ def generate_i2v(
         return torch.stack(videos) if return_frames else None  # [S, F, H, W, 3]
     finally:
         place.finish(ok)
+
+
+def _sequence_group(*experts):
+    """The default process group, checked to be running and to split the experts' heads evenly."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("sequence_parallel=True runs on every rank of a torch.distributed process group, and none "
+                         "is initialised; call torch.distributed.init_process_group on each rank first")
+    for expert in experts:
+        check_world_size(expert.config.num_heads, dist.get_world_size())
+    return dist.group.WORLD
 
 
 def check_cpu_memory(config, num_frames: int, width: int, height: int, num_samples: int) -> None:

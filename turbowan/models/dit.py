@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..checkpoint import DiTConfig
 from ..ops.attention import dense_attention, self_attention
 from ..ops.int8 import Int8Linear, apply_linear, shared_int8_input
+from ..ops.sequence_parallel import SequenceSplit
 from ..options import ATTENTION_KINDS, EXECUTION_MODES, QUANT_MODES
 from .random_weights import random_parameters
 
@@ -169,14 +170,19 @@ class SelfAttention(nn.Module):
         self.attention = "original"
         self.sla_topk = 0.1
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, L, _ = x.shape  # [B, L, dim]
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                sp: SequenceSplit | None = None) -> torch.Tensor:
+        B, L, _ = x.shape  # [B, L, dim] (L: this rank's tokens under sequence parallelism)
         shared = shared_int8_input(x, self.q, self.k, self.v)  # W8A8 on CUDA: quantize x once for all three
         q = rms_norm_rope(apply_linear(self.q, x, shared), self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
         k = rms_norm_rope(apply_linear(self.k, x, shared), self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
         v = apply_linear(self.v, x, shared).view(B, L, self.num_heads, self.head_dim)
         del shared
+        if sp is not None:  # Ulysses: attend over the whole sequence with this rank's share of the heads
+            q, k, v = sp.tokens_to_heads(torch.cat([q, k, v])).chunk(3)  # one all-to-all for all three
         out = self_attention(q, k, v, self.attention, self.proj_l, self.sla_topk)  # [B, L, H, D]
+        if sp is not None:
+            out = sp.heads_to_tokens(out)
         return self.o(out.flatten(2))
 
 
@@ -221,10 +227,10 @@ class DiTBlock(nn.Module):
         self.cross_attn = CrossAttention(c, quant)
         self.ffn = FeedForward(c, quant)
 
-    def forward(self, x, e0, cos, sin, context):
+    def forward(self, x, e0, cos, sin, context, sp: SequenceSplit | None = None):
         # x [B, L, dim] compute dtype; e0 [B, 6, dim] fp32
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        x = gated_residual(x, self.self_attn(modulated_norm(x, shift1, scale1, self.eps), cos, sin), gate1)
+        x = gated_residual(x, self.self_attn(modulated_norm(x, shift1, scale1, self.eps), cos, sin, sp), gate1)
         x = x + self.cross_attn(self.norm3(x), context)
         return gated_residual(x, self.ffn(modulated_norm(x, shift2, scale2, self.eps)), gate2)
 
@@ -243,7 +249,12 @@ class Head(nn.Module):
 
 
 class WanI2VDiT(nn.Module):
-    """One Wan2.2 I2V expert. Call as ``model(x, t, context, y)`` (shapes in the module docstring)."""
+    """One Wan2.2 I2V expert. Call as ``model(x, t, context, y)`` (shapes in the module docstring).
+
+    ``model(x, t, context, y, sequence_group=group)``, called with the same inputs on every rank of a
+    `torch.distributed` group, splits the tokens over the ranks (Ulysses, `turbowan.ops.sequence_parallel`) and
+    returns the whole velocity on every rank.
+    """
 
     def __init__(self, config: DiTConfig, quant: str | None = None, with_proj_l: bool = True):
         super().__init__()
@@ -284,7 +295,8 @@ class WanI2VDiT(nn.Module):
         e0 = lin(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
         return e, e0
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+                sequence_group=None) -> torch.Tensor:
         c = self.config
         dt = self.dtype
         kt, kh, kw = c.patch_size
@@ -295,15 +307,21 @@ class WanI2VDiT(nn.Module):
         T, H, W = T_in // kt, H_in // kh, W_in // kw
         # patchify in (c kt kh kw) order -> [B, L, 36*kt*kh*kw]
         tokens = xy.reshape(B, C, T, kt, H, kh, W, kw).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, T * H * W, -1)
+        angles = rope_angles(c.head_dim, T, H, W, tokens.device)
+        sp = None
+        if sequence_group is not None:  # from here to the head each rank works on its own tokens only
+            sp = SequenceSplit(T * H * W, c.num_heads, sequence_group)
+            tokens, angles = sp.split(tokens), sp.split(angles, dim=0)
         h = self.patch_embedding(tokens)
 
         e, e0 = self._time_mlp(t.reshape(B, -1)[:, 0])
         ctx = self.text_embedding(context.to(dt))
-        angles = rope_angles(c.head_dim, T, H, W, h.device)
         cos, sin = torch.cos(angles), torch.sin(angles)
         for block in self.blocks:  # (streamed execution attaches each block's weights in forward hooks)
-            h = block(h, e0, cos, sin, ctx)
+            h = block(h, e0, cos, sin, ctx, sp)
         out = self.head(h, e)  # [B, L, kt*kh*kw*out] fp32
+        if sp is not None:
+            out = sp.gather(out)  # every rank gets the whole velocity, so the sampler runs alike everywhere
         # unpatchify in (kt kh kw c) order
         out = out.reshape(B, T, H, W, kt, kh, kw, c.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, c.out_dim, T * kt, H * kh, W * kw)

@@ -1,0 +1,102 @@
+"""Ulysses sequence parallelism on gloo: 2 and 4 CPU processes give the one-process frames to float32 rounding.
+
+The video is 9 frames of 144x112: 3 x 7 x 9 = 189 latent tokens, which divides by neither 2 nor 4, so the padding
+path runs. Every rank's frames are compared with a one-process run; heads that do not split are refused.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import fixtures_dir, max_abs
+from PIL import Image
+
+import turbowan
+from turbowan.checkpoint import DiTConfig
+from turbowan.models.dit import random_dit
+from turbowan.ops.sequence_parallel import check_world_size
+
+FOUR_HEADS = DiTConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=2)
+RUN = dict(num_frames=9, width=144, height=112, seed=3, device="cpu")
+SLA_TOPK = 0.5  # 3 key blocks of 64: one is kept per 128-query block, so SLA's sparse and linear parts both run
+
+
+def _models(kind: str, attention: str):
+    """Float32 experts ('fixture': the 2-head reference files; 'four_heads': random 4-head ones) and the VAE."""
+    f = fixtures_dir()
+    if kind == "fixture":
+        high, low = (turbowan.load_dit(f / "dit" / f"TurboWan2.2-I2V-tiny-{n}.pth", attention=attention,
+                                       sla_topk=SLA_TOPK, dtype=torch.float32) for n in ("high", "low"))
+    else:
+        high, low = (random_dit(FOUR_HEADS, dtype=torch.float32, attention=attention, sla_topk=SLA_TOPK,
+                                      seed=s) for s in (1, 2))
+    return high, low, turbowan.load_vae(f / "vae" / "Wan2.1_VAE-tiny.pth", device="cpu", dtype=torch.float32)
+
+
+def _generate(kind: str, attention: str, **kwargs) -> torch.Tensor:
+    f = fixtures_dir()
+    image = Image.open(f / "pipeline" / "input_image.png")
+    text = torch.randn(1, 10, 4096, generator=torch.Generator().manual_seed(0))
+    return turbowan.generate_i2v(*_models(kind, attention), image, text, **RUN, **kwargs)
+
+
+def _worker(rank: int, world: int, store: str, out_dir: str, jobs: list) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's few cores
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {}
+        for kind, attention in jobs:
+            try:
+                results[kind, attention] = _generate(kind, attention, sequence_parallel=True)
+            except ValueError as exc:  # refusals come back as their message
+                results[kind, attention] = str(exc)
+        if rank < len(jobs):  # the one-process run of a job, each on its own rank (1 thread is fastest here)
+            results["single"] = _generate(*jobs[rank])
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(tmp_path, world: int, jobs: list) -> list[dict]:
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path), jobs), nprocs=world)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def test_two_ranks_give_the_one_process_frames_for_original_and_sla(tmp_path):
+    jobs = [("fixture", "original"), ("fixture", "sla")]
+    ranks = _run_ranks(tmp_path, 2, jobs)
+    for job, single in zip(jobs, (r["single"] for r in ranks)):
+        assert single.shape == (1, 9, 112, 144, 3)
+        for result in ranks:
+            assert torch.equal(result[job], ranks[0][job])  # every rank returns the same frames
+        assert max_abs(ranks[0][job], single) < 1e-5, job
+
+
+def test_four_ranks_give_the_one_process_frames_and_refuse_two_heads(tmp_path):
+    jobs = [("four_heads", "sla"), ("fixture", "original")]
+    ranks = _run_ranks(tmp_path, 4, jobs)
+    single = ranks[0]["single"]
+    for result in ranks:
+        assert torch.equal(result["four_heads", "sla"], ranks[0]["four_heads", "sla"])
+        assert result["fixture", "original"] == ("sequence parallelism splits the 2 attention heads evenly over "
+                                                 "the ranks, so 4 ranks do not work; use one of: 2")
+    assert max_abs(ranks[0]["four_heads", "sla"], single) < 1e-5
+
+
+def test_world_sizes_that_do_not_divide_the_heads_are_refused_naming_the_valid_ones():
+    check_world_size(40, 8)
+    with pytest.raises(ValueError, match=r"40 attention heads .* 3 ranks do not work; use one of: 2, 4, 5, 8, 10, "
+                                         r"20, 40$"):
+        check_world_size(40, 3)
+
+
+def test_sequence_parallel_without_a_process_group_is_refused_before_any_work():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="init_process_group"):
+        _generate("fixture", "original", sequence_parallel=True)
+

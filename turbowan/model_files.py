@@ -118,8 +118,25 @@ def expert_role_from_name(name: str) -> Optional[str]:
     return "high" if has_high and not has_low else "low" if has_low and not has_high else None
 
 
+def check_model_kind(model, text_to_video: bool, slot: str) -> None:
+    """Refuse a text-to-video model where an I2V expert belongs, or the reverse, saying which sampler runs it."""
+    if getattr(getattr(model, "config", None), "text_to_video", False) == text_to_video:
+        return
+    name = str(getattr(model, "source", "") or "?").replace("\\", "/").rsplit("/", 1)[-1]
+    if text_to_video:
+        raise ValueError(f"{slot} got a TurboWan2.2 image-to-video expert ({name}); image-to-video runs in "
+                         "generate_i2v with the high/low pair (ComfyUI: TurboDiffusionI2VSampler; CLI: turbowan "
+                         "generate --image)")
+    raise ValueError(f"{slot} got a TurboWan2.1 text-to-video model ({name}); it runs in generate_t2v (ComfyUI: "
+                     "TurboDiffusionT2VSampler; CLI: turbowan generate without --image)")
+
+
 def check_expert_slots(high, low) -> None:
-    """Refuse an obviously swapped pair (file names say high/low) with a one-sentence fix."""
+    """Refuse a text-to-video model in an expert slot, and an obviously swapped pair (file names say high/low),
+    with a one-sentence fix."""
+    check_model_kind(high, False, "the high-noise expert slot")
+    check_model_kind(low, False, "the low-noise expert slot")
+
     def role(m):
         return expert_role_from_name(getattr(m, "source", ""))
 

@@ -281,8 +281,8 @@ _BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                   "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
 
-DIT_FILES = ("a TurboWan2.2-I2V-A14B high- or low-noise expert (e.g. TurboWan2.2-I2V-A14B-high-720P-quant.pth) "
-             "or a TurboWan2.1-T2V model (e.g. TurboWan2.1-T2V-1.3B-480P-quant.pth)")
+DIT_FILES = ("a TurboWan2.2-I2V-A14B expert (e.g. TurboWan2.2-I2V-A14B-high-720P-quant.pth) or a TurboWan2.1-T2V "
+             "model")
 
 
 def read_dit_checkpoint(path: str | os.PathLike, slot: str = "TurboWan model") -> DiTCheckpoint:

@@ -121,3 +121,25 @@ def write_tiny_lora(path, seed: int = 0, rank: int = 4, dim: int = 128) -> Path:
         sd[f"{base}.alpha"] = torch.tensor(float(rank))
     save_file(sd, str(path))
     return Path(path)
+
+
+TINY_T2V = dict(dim=128, ffn_dim=256, num_heads=2, num_layers=2, in_dim=16)  # the tiny I2V experts' size, in_dim 16
+
+
+def write_tiny_t2v(path, quant: bool = False, seed: int = 0) -> Path:
+    """A tiny random TurboWan2.1-T2V checkpoint in the released layout (as tests/fixtures/README.md describes for
+    the I2V experts: bf16, fp32 norms, SLA proj_l under attn_op.local_attn, int8 triples for -quant), but with 16
+    input channels and no image branch. .safetensors or .pth by the file name."""
+    from safetensors.torch import save_file
+
+    from turbowan.checkpoint import DiTConfig
+    from turbowan.models.dit import random_dit
+
+    model = random_dit(DiTConfig(**TINY_T2V), quant="w8a16" if quant else None, seed=seed)
+    sd = {k.replace("self_attn.proj_l", "self_attn.attn_op.local_attn.proj_l"): v.contiguous()
+          for k, v in model.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+    return Path(path)

@@ -62,16 +62,6 @@ def test_text_encoder_in_the_model_slot_is_refused():
         load_dit(fixtures_dir() / "umt5" / "models_t5_umt5-tiny-enc-bf16.pth")
 
 
-def test_wan21_t2v_model_is_refused(tmp_path):
-    sd = _sd(_high())
-    sd["patch_embedding.weight"] = sd["patch_embedding.weight"][:, :64]  # 16 input channels x (1,2,2)
-    path = tmp_path / "wan2.1_t2v_1.3B.safetensors"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    with pytest.raises(ModelFileError, match="text-to-video DiT") as e:
-        load_dit(path)
-    assert _one_line(str(e.value))
-
-
 def test_truncated_download_is_refused(tmp_path):
     data = _high().read_bytes()
     path = tmp_path / "TurboWan2.2-I2V-A14B-high-720P.pth"

@@ -1,4 +1,5 @@
-"""TurboWan: TurboDiffusion's Wan2.2 image-to-video (TurboWan2.2-I2V-A14B) as a Python package.
+"""TurboWan: TurboDiffusion's Wan2.2 image-to-video (TurboWan2.2-I2V-A14B) and Wan2.1 text-to-video
+(TurboWan2.1-T2V, `generate_t2v`) as a Python package.
 
     import turbowan
     high = turbowan.load_dit("TurboWan2.2-I2V-A14B-high-720P-quant.pth")
@@ -16,7 +17,7 @@ from .lora import apply_lora
 from .models.dit import WanI2VDiT, load_dit
 from .options import ASPECT_RATIOS, RESOLUTIONS
 from .placement import release, release_all, resident_models
-from .pipeline import check_num_frames, generate_i2v, target_size
+from .pipeline import check_num_frames, generate_i2v, generate_t2v, target_size
 from .progress import ProgressHook
 from .sampler import expert_schedule, rcm_timesteps
 
@@ -51,6 +52,6 @@ def write_video(frames, path, fps: int = 16, format: str | None = None, quality:
 
 __all__ = [
     "ASPECT_RATIOS", "DiTConfig", "ModelFileError", "ProgressHook", "RESOLUTIONS", "WanI2VDiT", "apply_lora",
-    "check_num_frames", "expert_schedule", "generate_i2v", "load_dit", "load_text_encoder", "load_vae",
+    "check_num_frames", "expert_schedule", "generate_i2v", "generate_t2v", "load_dit", "load_text_encoder", "load_vae",
     "rcm_timesteps", "release", "release_all", "resident_models", "target_size", "write_video",
 ]

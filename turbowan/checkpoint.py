@@ -3,8 +3,8 @@
 `ModelFile` gives lazy access to a file's tensors (safetensors' ``safe_open``, ``torch.load(weights_only=True,
 mmap=True)``) and turns every read failure into one `ModelFileError` sentence; `read_state_dict` loads them all.
 `identify` / `describe` say what a state dict looks like, so that every loader (DiT, VAE, umT5, embeddings) and
-the doctor refuse a file of the wrong kind alike; `read_dit_checkpoint` reads a Wan2.2 I2V expert and infers
-its config.
+the doctor refuse a file of the wrong kind alike; `read_dit_checkpoint` reads a Wan2.2 I2V expert or a
+TurboWan2.1 text-to-video model and infers its config.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ _WAN_VAE_KEY = "decoder.middle.0.residual.0.gamma"
 def identify(sd: dict[str, torch.Tensor]) -> tuple[str, str]:
     """(kind, words) for a (prefix-stripped) state dict; meta tensors will do.
 
-    kind is one of "wan22_i2v_dit", "dit", "wan21_vae", "vae", "text_encoder", "clip", "llm", "unet", "unknown";
+    kind is one of "wan22_i2v_dit", "wan_t2v_dit", "dit", "wan21_vae", "vae", "text_encoder", "clip", "llm", "unet", "unknown";
     words is a short phrase ("a video VAE (latent channels 16)") for "<file> looks like <words>" messages.
     """
     keys = list(sd)
@@ -211,7 +211,7 @@ def identify(sd: dict[str, torch.Tensor]) -> tuple[str, str]:
             return "dit", f"a Wan2.1 image-to-video DiT (diffusion model, dim {dim}, with a CLIP image branch)"
         if in_ch == 16:
             size = {1536: "1.3B", 5120: "14B / A14B"}.get(dim, f"dim {dim}")
-            return "dit", f"a Wan text-to-video DiT (diffusion model, {size}, 16 input channels)"
+            return "wan_t2v_dit", f"a Wan text-to-video DiT (diffusion model, {size}, 16 input channels)"
         if in_ch == 48:
             return "dit", f"a Wan2.2 TI2V-5B DiT (diffusion model, dim {dim}, 48 input channels)"
         if in_ch == 36:
@@ -245,7 +245,7 @@ def describe(sd: dict[str, torch.Tensor]) -> str:
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Wan2.2 I2V DiT hyper-parameters. Defaults are the A14B expert's."""
+    """Wan DiT hyper-parameters. Defaults are the Wan2.2 I2V A14B expert's; in_dim 16 is a text-to-video model."""
 
     dim: int = 5120
     ffn_dim: int = 13824
@@ -262,6 +262,11 @@ class DiTConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    @property
+    def text_to_video(self) -> bool:
+        """The input is the noisy latents alone (TurboWan2.1-T2V); an I2V expert also reads mask + image latents."""
+        return self.in_dim == self.out_dim
+
 
 @dataclass
 class DiTCheckpoint:
@@ -276,14 +281,18 @@ _BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                   "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
 
-def read_dit_checkpoint(path: str | os.PathLike, slot: str = "Wan2.2 I2V expert") -> DiTCheckpoint:
-    """Read a TurboWan2.2 I2V expert (released .pth, -quant.pth, or .safetensors of either) and infer its config."""
+DIT_FILES = ("a TurboWan2.2-I2V-A14B expert (e.g. TurboWan2.2-I2V-A14B-high-720P-quant.pth) or a TurboWan2.1-T2V "
+             "model")
+
+
+def read_dit_checkpoint(path: str | os.PathLike, slot: str = "TurboWan model") -> DiTCheckpoint:
+    """Read a TurboWan2.2 I2V expert or a TurboWan2.1 T2V model (released .pth, -quant.pth, or .safetensors of
+    either) and infer its config."""
     name = Path(path).name
-    expected = "a TurboWan2.2-I2V-A14B high- or low-noise expert (e.g. TurboWan2.2-I2V-A14B-high-720P-quant.pth)"
-    sd = strip_prefixes(read_state_dict(path, expected))
+    sd = strip_prefixes(read_state_dict(path, DIT_FILES))
     kind, what = identify(sd)
-    if kind != "wan22_i2v_dit":
-        raise ModelFileError(f"{name} looks like {what}, but the {slot} slot expects {expected}")
+    if kind not in ("wan22_i2v_dit", "wan_t2v_dit"):
+        raise ModelFileError(f"{name} looks like {what}, but the {slot} slot expects {DIT_FILES}")
 
     # Renames into our module's names: SLA's projection sits directly on the self-attention.
     sd = {k.replace("self_attn.attn_op.local_attn.proj_l", "self_attn.proj_l"): v for k, v in sd.items()}
@@ -312,14 +321,14 @@ def read_dit_checkpoint(path: str | os.PathLike, slot: str = "Wan2.2 I2V expert"
         )
     except KeyError as exc:
         raise ModelFileError(
-            f"{name} is an incomplete Wan2.2 I2V checkpoint (tensor {exc.args[0]} is missing); download it again"
+            f"{name} is an incomplete TurboWan checkpoint (tensor {exc.args[0]} is missing); download it again"
         ) from None
 
     expected_keys = _expected_keys(config, quantized)
     missing = [k for k in expected_keys if k not in sd]
     if missing or layer_ids != set(range(num_layers)):
         raise ModelFileError(
-            f"{name} is an incomplete Wan2.2 I2V checkpoint ({len(missing)} tensors missing, e.g. "
+            f"{name} is an incomplete TurboWan checkpoint ({len(missing)} tensors missing, e.g. "
             f"{missing[0] if missing else 'a block'}); download it again"
         )
     has_sla = all(f"blocks.{i}.self_attn.proj_l.weight" in sd for i in range(num_layers))

@@ -1,6 +1,7 @@
 """The ``turbowan`` command: generate a video, check a machine, or run the built-in demo.
 
     turbowan generate --image cat.png --prompt "a cat surfing" --models-dir ComfyUI/models -o cat.mp4
+    turbowan generate --prompt "a fox in snow" --models-dir ComfyUI/models -o fox.mp4     # text-to-video
     turbowan doctor --models-dir ComfyUI/models
     turbowan demo -o demo.mp4
 
@@ -215,6 +216,17 @@ def cmd_generate(args, progress: StageProgress) -> int:
         if args.gpus > 1:  # the sequence-parallel pipeline is there (generate_i2v(sequence_parallel=True))
             raise ValueError(f"--gpus {args.gpus}: starting one process per GPU is not built yet; run the Python "
                              "API under torchrun with generate_i2v(..., sequence_parallel=True)")
+    t2v = args.image is None  # no first frame: text-to-video with a TurboWan2.1-T2V model
+    if t2v:
+        for given, option in ((args.ode, "--ode"), (args.adaptive, "--adaptive"), (args.boundary is not None,
+                              "--boundary"), (args.lora_high or args.lora_low, "--lora-high/--lora-low")):
+            if given:
+                raise ValueError(f"{option} is an image-to-video option; give --image, or leave {option} out for "
+                                 "text-to-video")
+    # the reference scripts' defaults: T2V 480p and sigma_max 80, I2V 720p and sigma_max 200
+    args.resolution = args.resolution or ("480p" if t2v else "720p")
+    args.sigma_max = args.sigma_max if args.sigma_max is not None else (80.0 if t2v else 200.0)
+    args.boundary = 0.9 if args.boundary is None else args.boundary
     check_run_options(args.frames, args.steps, args.seed, args.sigma_max, args.boundary, args.samples,
                       names=OPTION_NAMES)
     if not 0 <= args.quality <= 10:
@@ -226,20 +238,23 @@ def cmd_generate(args, progress: StageProgress) -> int:
         raise ValueError("give --prompt (with a text encoder) or --text-embedding, not both")
     if not args.text_embedding and not args.prompt:
         raise ValueError("give --prompt TEXT (with --text-encoder or --models-dir), or --text-embedding FILE")
-    files = resolve_model_files(args.models_dir, {slot.key: getattr(args, slot.key) for slot in MODEL_SLOTS})
+    files = resolve_model_files(args.models_dir, {slot.key: getattr(args, slot.key) for slot in MODEL_SLOTS},
+                                required=("t2v", "vae") if t2v else ("high", "low", "vae"))
     if args.prompt and files["text_encoder"] is None:
         raise missing_slot_error(SLOTS_BY_KEY["text_encoder"])
-    image = open_image(args.image, option="--image")
-    width, height = target_size(image.size, args.resolution, args.aspect_ratio, args.adaptive, args.width, args.height)
+    image = None if t2v else open_image(args.image, option="--image")
+    width, height = target_size(image.size if image else (0, 0), args.resolution, args.aspect_ratio, args.adaptive,
+                                args.width, args.height)
     if args.attention != "original":
         check_sla_topk(args.sla_topk, args.frames, width, height)
     outputs = output_paths(args.output, args.samples)
-    loras = {"high": lora_options(args.lora + args.lora_high), "low": lora_options(args.lora + args.lora_low)}
+    loras = {"high": lora_options(args.lora + args.lora_high), "low": lora_options(args.lora + args.lora_low),
+             "t2v": lora_options(args.lora)}
     device = pick_device(args.device)
     if device.type == "cpu":
         from .checkpoint import DiTConfig
 
-        # the release experts' widths (the pipeline checks again with the loaded ones)
+        # the release models' widths (the pipeline checks again with the loaded ones); a T2V file may be the 14B
         check_cpu_memory(DiTConfig(), args.frames, width, height, args.samples)
         set_cpu_threads()
     warm_up_in_background(device)  # CUDA context and Triton import, while the files are read
@@ -263,33 +278,35 @@ def cmd_generate(args, progress: StageProgress) -> int:
     if getattr(args, "mode", None) is not None:
         load_kwargs["mode"] = args.mode
     experts = {}
-    for i, slot in enumerate(("high", "low")):
+    slots = ("t2v",) if t2v else ("high", "low")
+    for i, slot in enumerate(slots):
         experts[slot] = turbowan.load_dit(files[slot], **load_kwargs)
         for path, strength in loras[slot]:
             experts[slot] = turbowan.apply_lora(experts[slot], path, strength)
-        progress("load", i + 1, 3)
-    high, low = experts["high"], experts["low"]
+        progress("load", i + 1, len(slots) + 1)
+    high = experts[slots[0]]
     vae = turbowan.load_vae(files["vae"], device="cpu", dtype=dtype)
-    progress("load", 3, 3)
+    progress("load", len(slots) + 1, len(slots) + 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if device.type == "cpu" and high.config.dim >= 5120:
-        logging.getLogger("turbowan").warning("turbowan: the 14B experts take hours on a CPU; use a CUDA GPU")
+        logging.getLogger("turbowan").warning("turbowan: the 14B models take hours on a CPU; use a CUDA GPU")
 
     # 4. the job; each video is encoded while the VAE decodes (a writer thread per output), written to a
     # temporary name and renamed into place when complete
     from .video import VideoWriter
 
     writers = [VideoWriter(path, fps=args.fps, quality=args.quality) for path in outputs]
+    job = dict(num_frames=args.frames, num_steps=args.steps, resolution=args.resolution,
+               aspect_ratio=args.aspect_ratio, width=args.width, height=args.height, sigma_max=args.sigma_max,
+               seed=args.seed, num_samples=args.samples, progress=progress, device=device,
+               on_frames=lambda i, start, chunk: writers[i].write(chunk), return_frames=False)
     try:
-        frames = turbowan.generate_i2v(
-            high, low, vae, image, context,
-            num_frames=args.frames, num_steps=args.steps, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
-            adaptive_resolution=args.adaptive, width=args.width, height=args.height, boundary=args.boundary,
-            sigma_max=args.sigma_max, seed=args.seed, ode=args.ode, num_samples=args.samples,
-            progress=progress, device=device, on_frames=lambda i, start, chunk: writers[i].write(chunk),
-            return_frames=False,
-        )
+        if t2v:
+            frames = turbowan.generate_t2v(high, vae, context, **job)
+        else:
+            frames = turbowan.generate_i2v(high, experts["low"], vae, image, context, adaptive_resolution=args.adaptive,
+                                           boundary=args.boundary, ode=args.ode, **job)
         for i, (writer, path) in enumerate(zip(writers, outputs)):
             if writer.frames_written == 0 and frames is not None:  # a pipeline that hands out no chunks
                 writer.write(frames[i])
@@ -318,15 +335,17 @@ def cmd_generate(args, progress: StageProgress) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="turbowan", description="TurboWan2.2 image-to-video (TurboDiffusion) without ComfyUI.", allow_abbrev=False)
+        prog="turbowan", description="TurboWan2.2 image-to-video and TurboWan2.1 text-to-video (TurboDiffusion) "
+                                     "without ComfyUI.", allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="print the library's notices (mode chosen, ...)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,doctor,demo}")
 
     # allow_abbrev=False: "--mode" must never be taken for "--models-dir"
-    g = sub.add_parser("generate", help="image + prompt -> video", allow_abbrev=False, description=(
-        "Generate a video from an image and a prompt with the two TurboWan2.2-I2V-A14B experts. Model files come "
+    g = sub.add_parser("generate", help="image + prompt (or prompt alone) -> video", allow_abbrev=False, description=(
+        "Generate a video from an image and a prompt with the two TurboWan2.2-I2V-A14B experts, or, without "
+        "--image, from a prompt alone with a TurboWan2.1-T2V model (--model). Model files come "
         "from the options or, by their usual names, from a ComfyUI models folder (--models-dir)."))
-    g.add_argument("--image", required=True, help="the first frame (png, jpg, ...)")
+    g.add_argument("--image", help="the first frame (png, jpg, ...); without it: text-to-video with --model")
     g.add_argument("--prompt", help="what happens in the video")
     g.add_argument("--text-embedding", metavar="FILE",
                    help="a saved umT5 embedding (.safetensors, [1, L, 4096]) instead of --prompt")
@@ -347,15 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     job = g.add_argument_group("video")
     job.add_argument("--frames", type=int, default=81, help="frame count, 4n+1 (default 81)")
     job.add_argument("--steps", type=int, default=4, help="sampling steps, 1-4 (default 4)")
-    job.add_argument("--resolution", default="720p", choices=list(RESOLUTIONS), help="size preset (default 720p)")
+    job.add_argument("--resolution", choices=list(RESOLUTIONS),
+                     help="size preset (default 720p; text-to-video 480p)")
     job.add_argument("--aspect-ratio", default="16:9", choices=list(ASPECT_RATIOS), help="(default 16:9)")
     job.add_argument("--adaptive", action="store_true", help="keep the preset's area at the image's aspect ratio")
     job.add_argument("--width", type=int, help="explicit width (multiple of 16; with --height)")
     job.add_argument("--height", type=int, help="explicit height (multiple of 16; with --width)")
     job.add_argument("--seed", type=int, default=0)
     job.add_argument("--ode", action="store_true", help="deterministic ODE sampling (default: SDE, as recommended)")
-    job.add_argument("--sigma-max", type=float, default=200.0, help="initial sigma of rCM (default 200)")
-    job.add_argument("--boundary", type=float, default=0.9, help="flow time where the low-noise expert takes over")
+    job.add_argument("--sigma-max", type=float, help="initial sigma of rCM (default 200; text-to-video 80)")
+    job.add_argument("--boundary", type=float,
+                     help="flow time where the low-noise expert takes over (default 0.9)")
     job.add_argument("--samples", type=int, default=1, help="videos from one run (-o name gets -1, -2, ...)")
     run = g.add_argument_group("how it runs")
     run.add_argument("--attention", default="sla", choices=list(ATTENTION_KINDS),

@@ -49,7 +49,7 @@ from .models.vae import WanVAE, load_vae, vae_from_state_dict
 from .memory import FFN_CHUNK_TOKENS, activation_bytes
 from .options import (ASPECT_RATIOS, ATTENTION_KINDS, EXECUTION_MODES, QUANT_MODES, RESOLUTIONS, TEXT_WIDTH,
                       VIDEO_FORMATS, latent_frames, latent_tokens)
-from .pipeline import generate_i2v, read_text_embedding, target_size
+from .pipeline import generate_i2v, generate_t2v, read_text_embedding, target_size
 from .video import write_video
 
 log = logging.getLogger("turbowan")
@@ -119,7 +119,8 @@ class TurboWanModelLoader:
             "required": {
                 "model_name": (folder_paths.get_filename_list("diffusion_models"), {
                     "tooltip": "A TurboWan2.2-I2V-A14B expert from models/diffusion_models "
-                               "(…-high-720P-quant.pth for the high-noise slot, …-low-… for the low-noise slot)."}),
+                               "(…-high-720P-quant.pth for the high-noise slot, …-low-… for the low-noise slot), "
+                               "or a TurboWan2.1-T2V model for the T2V sampler."}),
                 "attention_type": (list(ATTENTION_KINDS), {
                     "default": "sla",
                     "tooltip": "sla: sparse-linear attention the models were distilled with (Triton kernel on CUDA). "
@@ -151,7 +152,8 @@ class TurboWanModelLoader:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads one TurboWan2.2 I2V expert (read on first run, then kept for later runs)."
+    DESCRIPTION = ("Loads one TurboWan2.2 I2V expert or a TurboWan2.1 T2V model (read on first run, then kept for "
+                   "later runs).")
 
     @classmethod
     def IS_CHANGED(cls, model_name, **_):
@@ -416,6 +418,27 @@ def make_before_load(working_bytes: int, models=()):
     return before_load
 
 
+def run_sampler(models, num_frames: int, num_steps: int, run, encodes: bool, size):
+    """One pipeline run inside ComfyUI: its progress bar (and Cancel), memory freed for the models' weights and
+    activations, what stays on the GPU registered with ComfyUI (also after a failure or Cancel, which release the
+    models), and bad inputs (4n+1, conditioning width, the wrong kind of model, ...) as one sentence.
+    ``size()`` -> the output (width, height); ``run(progress, device, before_load)`` -> frames."""
+    device = mm.get_torch_device()
+    try:
+        w, h = size()
+        config = models[0].config
+        chunks = latent_frames(num_frames)  # expected VAE progress units; the VAE reports its own totals
+        progress = ComfyProgress({"encode": chunks if encodes else 0, "sample": num_steps, "decode": chunks})
+        working_bytes = activation_bytes(latent_tokens(num_frames, w, h), config.dim, config.ffn_dim,
+                                         FFN_CHUNK_TOKENS)
+        return run(progress, device, make_before_load(working_bytes, models))
+    except ValueError as exc:
+        raise TurboWanError(str(exc)) from None
+    finally:
+        sync_loaded_models(models, device)
+        mm.soft_empty_cache()
+
+
 class TurboDiffusionI2VSampler:
     @classmethod
     def INPUT_TYPES(cls):
@@ -478,31 +501,83 @@ class TurboDiffusionI2VSampler:
             raise TurboWanError(
                 f"the image input is a batch of {image.shape[0]} images; connect one (e.g. through ImageFromBatch)")
 
-        device, models = mm.get_torch_device(), (high_noise_model, low_noise_model, wan_vae)
-        try:
-            size = {"width": width or None, "height": height or None}  # 0 = from the preset
-            w, h = target_size((image.shape[-2], image.shape[-3]), resolution, aspect_ratio, adaptive_resolution, **size)
-            config = high_noise_model.config
-            chunks = latent_frames(num_frames)  # expected VAE progress units; the VAE reports its own totals
-            progress = ComfyProgress({"encode": chunks, "sample": num_steps, "decode": chunks})
-            working_bytes = activation_bytes(latent_tokens(num_frames, w, h), config.dim, config.ffn_dim,
-                                             FFN_CHUNK_TOKENS)
-            frames = generate_i2v(
+        size = {"width": width or None, "height": height or None}  # 0 = from the preset
+
+        def run(progress, device, before_load):
+            return generate_i2v(
                 high_noise_model, low_noise_model, wan_vae, image, text,
                 num_frames=num_frames, num_steps=num_steps, resolution=resolution, aspect_ratio=aspect_ratio,
                 adaptive_resolution=adaptive_resolution, **size, boundary=boundary, sigma_max=sigma_max, seed=seed,
-                ode=use_ode, progress=progress, device=device,
-                before_load=make_before_load(working_bytes, models),
+                ode=use_ode, progress=progress, device=device, before_load=before_load,
                 one_expert_at_a_time=True,  # 'auto' never parks both experts on a GPU ComfyUI shares
-                keep_loaded=True,  # what stays is registered below, so ComfyUI can unload it when it needs room
+                keep_loaded=True,  # what stays is registered afterwards, so ComfyUI can unload it when it needs room
             )
-        except ValueError as exc:  # bad inputs (4n+1, conditioning width, swapped experts, ...): one sentence
-            raise TurboWanError(str(exc)) from None
-        finally:
-            sync_loaded_models(models, device)  # also after a failure or Cancel, which release the models
-            mm.soft_empty_cache()
+
+        frames = run_sampler(
+            (high_noise_model, low_noise_model, wan_vae), num_frames, num_steps, run, encodes=True,
+            size=lambda: target_size((image.shape[-2], image.shape[-3]), resolution, aspect_ratio,
+                                     adaptive_resolution, **size))
         video = frames[0]  # [T, H, W, 3], float32 in [0, 1], CPU
         return (video, video[-1:].clone())
+
+
+class TurboDiffusionT2VSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A TurboWan2.1-T2V model (1.3B or 14B) from TurboWanModelLoader."}),
+                "conditioning": ("CONDITIONING", {
+                    "tooltip": "Prompt from CLIPTextEncode with CLIPLoader type 'wan' (umT5-xxl, 4096 wide)."}),
+                "vae": ("VAE", {"tooltip": "Wan2.1 VAE from TurboWanVAELoader or the stock VAELoader."}),
+                "num_frames": ("INT", {
+                    "default": 81, "min": 1, "max": 241, "step": 4,
+                    "tooltip": "Frames to generate; must be 4n+1 (81 = 5 s at 16 fps)."}),
+                "num_steps": ("INT", {
+                    "default": 4, "min": 1, "max": 4,
+                    "tooltip": "Sampling steps; the models were distilled for 1-4 (4 recommended)."}),
+                "resolution": (list(RESOLUTIONS), {
+                    "default": "480p", "tooltip": "Size preset (with aspect_ratio); the 1.3B and 14B-480P models "
+                                                  "are made for 480p, the 14B-720P for 720p."}),
+                "aspect_ratio": (list(ASPECT_RATIOS), {"default": "16:9"}),
+                "sigma_max": ("FLOAT", {
+                    "default": 80.0, "min": 1.0, "max": 10000.0, "step": 1.0,
+                    "tooltip": "Initial noise level of rCM sampling (80, as the reference's T2V script)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            },
+            "optional": {
+                "width": ("INT", {
+                    "default": 0, "min": 0, "max": 4096, "step": 16,
+                    "tooltip": "Explicit width (multiple of 16) with height; 0 uses the resolution preset."}),
+                "height": ("INT", {
+                    "default": 0, "min": 0, "max": 4096, "step": 16,
+                    "tooltip": "Explicit height (multiple of 16) with width; 0 uses the resolution preset."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The video, [frames, height, width, 3].",)
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "TurboDiffusion Wan2.1 text-to-video: samples with one TurboWan2.1-T2V model, decodes."
+
+    def generate(self, model, conditioning, vae, num_frames, num_steps, resolution, aspect_ratio, sigma_max, seed,
+                 width=0, height=0):
+        _check_expert(model, "model")
+        text = embedding_from_conditioning(conditioning)
+        wan_vae = as_turbowan_vae(vae)
+        size = {"width": width or None, "height": height or None}  # 0 = from the preset
+
+        def run(progress, device, before_load):
+            return generate_t2v(model, wan_vae, text, num_frames=num_frames, num_steps=num_steps,
+                                resolution=resolution, aspect_ratio=aspect_ratio, **size, sigma_max=sigma_max,
+                                seed=seed, progress=progress, device=device, before_load=before_load,
+                                keep_loaded=True)
+
+        frames = run_sampler((model, wan_vae), num_frames, num_steps, run, encodes=False,
+                             size=lambda: target_size((0, 0), resolution, aspect_ratio, False, **size))
+        return (frames[0],)
 
 
 # -- saving ------------------------------------------------------------------------------------------------
@@ -569,6 +644,7 @@ NODE_CLASS_MAPPINGS = {
     "TurboWanModelLoader": TurboWanModelLoader,
     "TurboWanVAELoader": TurboWanVAELoader,
     "TurboDiffusionI2VSampler": TurboDiffusionI2VSampler,
+    "TurboDiffusionT2VSampler": TurboDiffusionT2VSampler,
     "TurboDiffusionSaveVideo": TurboDiffusionSaveVideo,
     "TurboWanLoadTextEmbedding": TurboWanLoadTextEmbedding,
     "TurboWanLoraLoader": TurboWanLoraLoader,
@@ -578,6 +654,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TurboWanModelLoader": "TurboWan Model Loader",
     "TurboWanVAELoader": "TurboWan VAE Loader",
     "TurboDiffusionI2VSampler": "TurboDiffusion I2V Sampler",
+    "TurboDiffusionT2VSampler": "TurboDiffusion T2V Sampler",
     "TurboDiffusionSaveVideo": "TurboDiffusion Save Video",
     "TurboWanLoadTextEmbedding": "TurboWan Load Text Embedding",
     "TurboWanLoraLoader": "TurboWan LoRA Loader",

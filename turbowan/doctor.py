@@ -312,7 +312,7 @@ def inspect_model_file(path: Path, slot_key: str) -> Check:
     except ModelFileError as exc:
         return Check(label, False, str(exc))
     kind, what = identify(sd)
-    if slot_key in ("high", "low"):
+    if slot_key in ("high", "low", "t2v"):
         return _inspect_dit(path, sd, kind, what, slot_key, label)
     if slot_key == "vae":
         w, z = sd.get("encoder.conv1.weight"), sd.get("conv2.weight")
@@ -324,21 +324,25 @@ def inspect_model_file(path: Path, slot_key: str) -> Check:
 
 
 def _inspect_dit(path: Path, sd: dict, kind: str, what: str, slot_key: str, label: str) -> Check:
-    if kind != "wan22_i2v_dit":
-        return Check(label, False, f"looks like {what}; the {slot_key}-noise slot needs a TurboWan2.2-I2V-A14B expert")
+    t2v = slot_key == "t2v"
+    slot = "text-to-video" if t2v else f"{slot_key}-noise"
+    if kind != ("wan_t2v_dit" if t2v else "wan22_i2v_dit"):
+        needed = "TurboWan2.1-T2V model" if t2v else "TurboWan2.2-I2V-A14B expert"
+        return Check(label, False, f"looks like {what}; the {slot} slot needs a {needed}")
     if path.suffix != ".safetensors":  # memory-mapped: cheap to check every tensor is there
         try:
-            read_dit_checkpoint(path, slot=f"{slot_key}-noise expert")
+            read_dit_checkpoint(path, slot=f"{slot} model" if t2v else f"{slot} expert")
         except ModelFileError as exc:
             return Check(label, False, str(exc))
     dim = sd["patch_embedding.weight"].shape[0]
     blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     quant = any(k.endswith(".int8_weight") for k in sd)
     sla = any("proj_l" in k for k in sd)
-    size = "A14B" if (dim, blocks) == (5120, 40) else f"dim {dim}, {blocks} blocks: not the A14B size (a test model?)"
-    detail = f"Wan2.2 I2V expert, {size}, {'int8 (-quant)' if quant else 'bf16'}"
+    sizes = {(1536, 30): "1.3B", (5120, 40): "14B"} if t2v else {(5120, 40): "A14B"}
+    size = sizes.get((dim, blocks), f"dim {dim}, {blocks} blocks: not a released size (a test model?)")
+    detail = f"{'Wan2.1 T2V model' if t2v else 'Wan2.2 I2V expert'}, {size}, {'int8 (-quant)' if quant else 'bf16'}"
     detail += ", SLA weights present" if sla else ", no SLA weights: only --attention original works"
-    role = expert_role_from_name(path.name)
+    role = None if t2v else expert_role_from_name(path.name)
     if role is not None and role != slot_key:
         return Check(label, False, f"{detail}, but its name says '{role}': it belongs in the {role}-noise slot")
     return Check(label, True, detail)

@@ -20,7 +20,7 @@ from typing import Optional, Union
 class ModelSlot:
     """One model file the pipeline needs, and how to recognise it in a ComfyUI models folder."""
 
-    key: str  # "high", "low", "vae", "text_encoder"
+    key: str  # "high", "low", "vae", "text_encoder", "t2v"
     option: str  # command-line option that sets it
     what: str  # words for messages
     folders: tuple[str, ...]  # ComfyUI sub-folders searched (then the models folder itself, flat)
@@ -31,6 +31,7 @@ class ModelSlot:
 
 _TURBOWAN_HF = "https://huggingface.co/TurboDiffusion/TurboWan2.2-I2V-A14B-720P"
 _COMFY_WAN_HF = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged"
+_TURBOWAN_T2V_HF = "https://huggingface.co/TurboDiffusion/TurboWan2.1-T2V-1.3B-480P (or -14B-480P, -14B-720P)"
 
 MODEL_SLOTS: tuple[ModelSlot, ...] = (
     ModelSlot("high", "--high", "high-noise expert", ("diffusion_models", "unet"),
@@ -46,6 +47,10 @@ MODEL_SLOTS: tuple[ModelSlot, ...] = (
               ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "nsfw_wan_umt5-xxl_fp8_scaled.safetensors",
                "models_t5_umt5-xxl-enc-bf16.pth", "umt5_xxl_fp16.safetensors"),
               ("*umt5*xxl*.safetensors", "*umt5*xxl*.pth"), f"{_COMFY_WAN_HF} (split_files/text_encoders)"),
+    ModelSlot("t2v", "--model", "TurboWan2.1-T2V model", ("diffusion_models", "unet"),
+              tuple(f"TurboWan2.1-T2V-{size}{q}.pth" for size in ("1.3B-480P", "14B-480P", "14B-720P")
+                    for q in ("-quant", "")),
+              ("turbowan2.1-t2v*.pth", "turbowan2.1-t2v*.safetensors"), _TURBOWAN_T2V_HF),
 )
 SLOTS_BY_KEY = {s.key: s for s in MODEL_SLOTS}
 
@@ -79,10 +84,10 @@ def find_model_files(models_dir) -> dict[str, list[Path]]:
     return found
 
 
-def resolve_model_files(models_dir: Union[str, os.PathLike, None],
-                        given: dict[str, Union[str, os.PathLike, None]]) -> dict[str, Optional[Path]]:
+def resolve_model_files(models_dir: Union[str, os.PathLike, None], given: dict[str, Union[str, os.PathLike, None]],
+                        required: tuple[str, ...] = ("high", "low", "vae")) -> dict[str, Optional[Path]]:
     """Explicit paths (`given`, by slot key) win; otherwise the first candidate in `models_dir`.
-    The text encoder may be absent; the experts and the VAE may not."""
+    The ``required`` slots (image-to-video: the experts and the VAE) must be filled; the others may be absent."""
     from .checkpoint import ModelFileError, read_head
 
     found = find_model_files(models_dir) if models_dir else {}
@@ -95,9 +100,9 @@ def resolve_model_files(models_dir: Union[str, os.PathLike, None],
             except ModelFileError as exc:
                 raise ModelFileError(f"{slot.option}: {exc}") from None
         files[slot.key] = path
-    for slot in MODEL_SLOTS[:3]:
-        if files[slot.key] is None:
-            raise missing_slot_error(slot)
+    for key in required:
+        if files[key] is None:
+            raise missing_slot_error(SLOTS_BY_KEY[key])
     return files
 
 
@@ -118,8 +123,25 @@ def expert_role_from_name(name: str) -> Optional[str]:
     return "high" if has_high and not has_low else "low" if has_low and not has_high else None
 
 
+def check_model_kind(model, text_to_video: bool, slot: str) -> None:
+    """Refuse a text-to-video model where an I2V expert belongs, or the reverse, saying which sampler runs it."""
+    if getattr(getattr(model, "config", None), "text_to_video", False) == text_to_video:
+        return
+    name = str(getattr(model, "source", "") or "?").replace("\\", "/").rsplit("/", 1)[-1]
+    if text_to_video:
+        raise ValueError(f"{slot} got a TurboWan2.2 image-to-video expert ({name}); image-to-video runs in "
+                         "generate_i2v with the high/low pair (ComfyUI: TurboDiffusionI2VSampler; CLI: turbowan "
+                         "generate --image)")
+    raise ValueError(f"{slot} got a TurboWan2.1 text-to-video model ({name}); it runs in generate_t2v (ComfyUI: "
+                     "TurboDiffusionT2VSampler; CLI: turbowan generate without --image)")
+
+
 def check_expert_slots(high, low) -> None:
-    """Refuse an obviously swapped pair (file names say high/low) with a one-sentence fix."""
+    """Refuse a text-to-video model in an expert slot, and an obviously swapped pair (file names say high/low),
+    with a one-sentence fix."""
+    check_model_kind(high, False, "the high-noise expert slot")
+    check_model_kind(low, False, "the low-noise expert slot")
+
     def role(m):
         return expert_role_from_name(getattr(m, "source", ""))
 

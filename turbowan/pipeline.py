@@ -1,4 +1,5 @@
-"""Image + text embedding -> video frames: the whole TurboWan2.2 I2V job, without ComfyUI.
+"""Image + text embedding -> video frames: the whole TurboWan2.2 I2V job, without ComfyUI (and `generate_t2v`,
+text embedding -> video frames with a TurboWan2.1 T2V model: steps 4 and 5 from pure noise).
 
 Steps (as thu-ml/TurboDiffusion's wan2.2_i2v_infer.py):
   1. pick the size: a preset (resolution x aspect ratio), or the preset's area at the image's aspect ratio
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from .checkpoint import ModelFile, ModelFileError
 from .devices import check_device, default_device
 from .memory import available_ram_bytes, cpu_run_bytes
-from .model_files import check_expert_slots
+from .model_files import check_expert_slots, check_model_kind
 from .ops.sequence_parallel import check_world_size
-from .options import ASPECT_RATIOS, RESOLUTIONS, SIZE_MULTIPLE, TEXT_LEN, TEXT_WIDTH, latent_tokens
+from .options import ASPECT_RATIOS, RESOLUTIONS, SIZE_MULTIPLE, TEXT_LEN, TEXT_WIDTH, latent_frames, latent_tokens
 from .placement import Placement
 from .progress import ProgressHook
 from .sampler import expert_schedule, finite_flag, initial_noise, rcm_timesteps, require_finite, sample_rcm
@@ -325,37 +326,14 @@ def generate_i2v(
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = initial_noise((num_samples, zc, T, lh, lw), generator)
 
-        def select(name: str):
-            other = experts["low" if name == "high" else "high"]
-            if mode == "swap" and other is not experts[name]:
-                place.unload(other)
-            if mode == "stream":
-                place.drop_prefetched()  # the previous expert's blocks copied in ahead
-            place.load_expert(experts[name], mode)
-            return experts[name] if group is None else functools.partial(experts[name], sequence_group=group)
+        samples = _sample(place, mode, experts, noise, context.repeat(num_samples, 1, 1), y,
+                          num_steps=num_steps, sigma_max=sigma_max, boundary=boundary, ode=ode,
+                          generator=generator, dtype=dtype, device=device, progress=progress, group=group)
 
-        samples = sample_rcm(
-            select, noise, context.repeat(num_samples, 1, 1), y,
-            num_steps=num_steps, sigma_max=sigma_max, boundary=boundary, ode=ode,
-            generator=generator, dtype=dtype, device=device, progress=progress,
-        )
-        if mode == "swap":
-            place.unload(high)
-            place.unload(low)
-        elif mode == "stream":
-            place.drop_prefetched()
-
-        # 3. decode, one sample at a time (same result as a batch, less memory)
-        place.load_vae(vae)
-        videos = []
-        tile = tile_for_run(vae, "decode", (lat_h, lat_w), mode, device, num_frames)
-        for i in range(num_samples):
-            frames_hook = None if on_frames is None else (lambda start, chunk, i=i: on_frames(i, start, _to_rgb(chunk)[0]))
-            video = vae.decode(samples[i : i + 1], progress=progress, tile=tile, on_frames=frames_hook)
-            if return_frames:
-                videos.append(_to_rgb(video)[0].contiguous().cpu())  # [F, H, W, 3]
+        # 3. decode
+        frames = _decode(place, vae, samples, mode, device, num_frames, progress, on_frames, return_frames)
         ok = True
-        return torch.stack(videos) if return_frames else None  # [S, F, H, W, 3]
+        return frames
     finally:
         place.finish(ok)
 
@@ -370,6 +348,101 @@ def _sequence_group(*experts):
     for expert in experts:
         check_world_size(expert.config.num_heads, dist.get_world_size())
     return dist.group.WORLD
+
+
+def generate_t2v(
+    model,
+    vae,
+    text_embedding: torch.Tensor,
+    *,
+    num_frames: int = 81,
+    num_steps: int = 4,
+    resolution: str = "480p",
+    aspect_ratio: str = "16:9",
+    width: Optional[int] = None,
+    height: Optional[int] = None,
+    sigma_max: float = 80.0,
+    seed: int = 0,
+    num_samples: int = 1,
+    progress: Optional[ProgressHook] = None,
+    device=None,
+    before_load: Optional[Callable[[int, torch.device], None]] = None,
+    keep_loaded: bool = True,
+    on_frames: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    return_frames: bool = True,
+) -> Optional[torch.Tensor]:
+    """Generate ``num_samples`` videos from one prompt embedding with a TurboWan2.1-T2V model (1.3B or 14B).
+
+    As thu-ml/TurboDiffusion's wan2.1_t2v_infer.py: pure noise [num_samples, 16, T, H/8, W/8] from the seeded CPU
+    generator, ``num_steps`` rCM steps of the one model (always the stochastic update, one noise draw per step;
+    sigma_max 80 by default), then the VAE decode. Returns frames [num_samples, num_frames, H, W, 3] float32 in
+    [0, 1] on the CPU. The size is the preset (``resolution`` x ``aspect_ratio``, 480p 16:9 by default) or the
+    explicit ``width`` / ``height``; every other argument means what it means in `generate_i2v`.
+    """
+    check_run_options(num_frames, num_steps, seed, sigma_max, num_samples=num_samples)
+    check_model_kind(model, text_to_video=True, slot="generate_t2v's model")
+    context = prepare_text_embedding(text_embedding)
+    device = check_device(device) if device is not None else default_device()
+    w, h = target_size((0, 0), resolution, aspect_ratio, False, width, height)
+    if device.type == "cpu":
+        check_cpu_memory(model.config, num_frames, w, h, num_samples)
+    log.info("turbowan: text-to-video %dx%d, %d frames, %d steps, seed %d", w, h, num_frames, num_steps, seed)
+
+    place = Placement(device, before_load, keep_loaded=keep_loaded)
+    mode = place.resolve_mode(model, None, tokens=num_samples * latent_tokens(num_frames, w, h))
+    ok = False
+    try:
+        place.start_expert(model, mode)
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        noise = initial_noise((num_samples, model.config.out_dim, latent_frames(num_frames), h // 8, w // 8),
+                              generator)
+        samples = _sample(place, mode, {"model": model}, noise, context.repeat(num_samples, 1, 1), None,
+                          num_steps=num_steps, sigma_max=sigma_max, boundary=None, ode=False,
+                          generator=generator, dtype=model.dtype, device=device, progress=progress)
+        frames = _decode(place, vae, samples, mode, device, num_frames, progress, on_frames, return_frames)
+        ok = True
+        return frames
+    finally:
+        place.finish(ok)
+
+
+def _sample(place: Placement, mode: str, models: dict, noise: torch.Tensor, context: torch.Tensor, y, group=None,
+            **loop):
+    """`sample_rcm` with each model placed on the device as the execution mode says when its steps begin;
+    afterwards what the mode does not keep through the decode leaves the device. ``group``: the process group
+    the models split their tokens over (sequence parallelism), or None."""
+    def select(name: str):
+        if mode == "swap":
+            for other in models.values():
+                if other is not models[name]:
+                    place.unload(other)
+        if mode == "stream":
+            place.drop_prefetched()  # the previous expert's blocks copied in ahead
+        place.load_expert(models[name], mode)
+        return models[name] if group is None else functools.partial(models[name], sequence_group=group)
+
+    samples = sample_rcm(select, noise, context, y, **loop)
+    if mode == "swap":
+        for model in models.values():
+            place.unload(model)
+    elif mode == "stream":
+        place.drop_prefetched()
+    return samples
+
+
+def _decode(place: Placement, vae, samples: torch.Tensor, mode: str, device: torch.device, num_frames: int,
+            progress, on_frames, return_frames: bool) -> Optional[torch.Tensor]:
+    """Latents -> frames [S, F, H, W, 3] on the CPU (None without ``return_frames``), one sample at a time (the
+    same result as a batch, less memory)."""
+    place.load_vae(vae)
+    videos = []
+    tile = tile_for_run(vae, "decode", tuple(samples.shape[-2:]), mode, device, num_frames)
+    for i in range(samples.shape[0]):
+        frames_hook = None if on_frames is None else (lambda start, chunk, i=i: on_frames(i, start, _to_rgb(chunk)[0]))
+        video = vae.decode(samples[i : i + 1], progress=progress, tile=tile, on_frames=frames_hook)
+        if return_frames:
+            videos.append(_to_rgb(video)[0].contiguous().cpu())  # [F, H, W, 3]
+    return torch.stack(videos) if return_frames else None
 
 
 def check_cpu_memory(config, num_frames: int, width: int, height: int, num_samples: int) -> None:

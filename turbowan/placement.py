@@ -232,7 +232,7 @@ class Placement:
         return entry if entry is not None and entry.device == self.device else None
 
     # -- experts -------------------------------------------------------------------------------------------
-    def resolve_mode(self, high, low, tokens: int, allow_resident: bool = True) -> str:
+    def resolve_mode(self, high, low: Optional[nn.Module], tokens: int, allow_resident: bool = True) -> str:
         """The mode for this run. ``auto`` first makes room for one expert (so that a text encoder the host
         application still holds does not push us into a slower mode), then measures free memory, counting
         what these experts already hold on the device and what other idle models of ours would give back.
@@ -241,7 +241,7 @@ class Placement:
         if self.device.type != "cuda":
             return "resident"  # nothing to move: CPU runs in place
         c = high.config
-        one, other = tensor_bytes(high), tensor_bytes(low)
+        one, other = tensor_bytes(high), tensor_bytes(low) if low is not None else 0  # None: a one-model run
         free = None
         if mode == "auto":
             act = activation_bytes(tokens, c.dim, c.ffn_dim, FFN_CHUNK_TOKENS)

@@ -1,4 +1,5 @@
-"""rCM sampling with two experts (high-noise, then low-noise), as TurboDiffusion's Wan2.2 I2V script does it.
+"""rCM sampling with two experts (high-noise, then low-noise), as TurboDiffusion's Wan2.2 I2V script does it,
+or with one text-to-video model (its Wan2.1 T2V script: the same loop, ``boundary=None``, no image input).
 
 Flow times: TrigFlow angles ``[atan(sigma_max), 1.5, 1.4, 1.0][:num_steps]`` then 0, mapped to rectified-flow
 time ``t = sin(a) / (sin(a) + cos(a))``. The state starts at ``x = t0 * noise`` and is kept in float64.
@@ -74,11 +75,11 @@ def sample_rcm(
     select_expert: ExpertSelector,
     noise: torch.Tensor,
     context: torch.Tensor,
-    y: torch.Tensor,
+    y: Optional[torch.Tensor],
     *,
     num_steps: int = 4,
     sigma_max: float = 200.0,
-    boundary: float = 0.9,
+    boundary: Optional[float] = 0.9,
     ode: bool = False,
     generator: Optional[torch.Generator] = None,
     dtype: torch.dtype = torch.bfloat16,
@@ -87,17 +88,19 @@ def sample_rcm(
 ) -> torch.Tensor:
     """Run the rCM loop and return the final latents (float32, on ``device``).
 
-    ``noise`` [B, 16, T, H, W] float32 (drawn on the CPU), ``context`` [B, 512, 4096], ``y`` [B, 20, T, H, W].
-    ``generator`` supplies the SDE noise (the same CPU generator that drew ``noise``).
+    ``noise`` [B, 16, T, H, W] float32 (drawn on the CPU), ``context`` [B, 512, 4096], ``y`` [B, 20, T, H, W]
+    (None for a text-to-video model). ``generator`` supplies the SDE noise (the same CPU generator that drew
+    ``noise``). ``boundary=None``: one model runs every step (``select_expert("model")``).
     """
     if not ode and generator is None:
         raise ValueError("SDE sampling needs the seeded generator that drew the initial noise")
     device = torch.device(device) if device is not None else noise.device
     t_steps = rcm_timesteps(num_steps, sigma_max)
-    experts = expert_schedule(t_steps, boundary)
+    experts = expert_schedule(t_steps, boundary) if boundary is not None else ["model"] * num_steps
     x = noise.to(device=device, dtype=torch.float64) * t_steps[0].item()
     context = context.to(device=device, dtype=dtype)
-    y = y.to(device=device, dtype=dtype)
+    if y is not None:
+        y = y.to(device=device, dtype=dtype)
     ones = torch.ones(x.shape[0], 1, dtype=torch.float64, device=device)
     net, current = None, None
     pending = None  # (step, finite flag) of the last step's latents, read once the next network call is queued
@@ -124,6 +127,7 @@ def sample_rcm(
 def _check_step(pending, experts: list[str], num_steps: int) -> None:
     if pending is not None:
         i, flag = pending
-        require_finite(flag, f"sampling at step {i + 1} of {num_steps} ({experts[i]}-noise expert)",
-                       "a broken expert checkpoint, fp16 overflow (load the experts in bf16 or float32), or a "
+        which = "the model" if experts[i] == "model" else f"{experts[i]}-noise expert"
+        require_finite(flag, f"sampling at step {i + 1} of {num_steps} ({which})",
+                       "a broken model checkpoint, fp16 overflow (load the models in bf16 or float32), or a "
                        "non-finite text embedding or image latent")

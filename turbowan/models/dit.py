@@ -1,4 +1,4 @@
-"""Wan2.2 image-to-video DiT (one TurboWan2.2-I2V-A14B expert).
+"""Wan DiT: one TurboWan2.2-I2V-A14B expert, or a TurboWan2.1-T2V model (the same blocks, no image input).
 
 Precision follows the reference inference path (thu-ml/TurboDiffusion, bf16 weights on GPU):
   * time embedding, block modulation and the output head run in fp32; the output is fp32;
@@ -6,7 +6,7 @@ Precision follows the reference inference path (thu-ml/TurboDiffusion, bf16 weig
   * LayerNorm / RMSNorm compute in fp32 and cast back; RoPE rotates in fp32.
 
 Shapes at the boundary (patch (1, 2, 2)):
-  x [B, 16, T, H, W] noisy latents, y [B, 20, T, H, W] = [mask(4), image latents(16)],
+  x [B, 16, T, H, W] noisy latents, y [B, 20, T, H, W] = [mask(4), image latents(16)] (I2V; None for T2V),
   t [B] network timestep (= flow time x 1000, already rounded to the compute dtype by the sampler),
   context [B, 512, 4096] umT5 embedding  ->  velocity [B, 16, T, H, W] float32.
 Inside: L = T * H/2 * W/2 tokens of width `dim`, `num_heads` heads of `head_dim`.
@@ -249,11 +249,11 @@ class Head(nn.Module):
 
 
 class WanI2VDiT(nn.Module):
-    """One Wan2.2 I2V expert. Call as ``model(x, t, context, y)`` (shapes in the module docstring).
+    """One Wan2.2 I2V expert, called as ``model(x, t, context, y)``, or a Wan2.1 T2V model (``config.in_dim`` 16,
+    `text_to_video`), called as ``model(x, t, context)`` (shapes in the module docstring).
 
-    ``model(x, t, context, y, sequence_group=group)``, called with the same inputs on every rank of a
-    `torch.distributed` group, splits the tokens over the ranks (Ulysses, `turbowan.ops.sequence_parallel`) and
-    returns the whole velocity on every rank.
+    ``sequence_group=group``, given with the same inputs on every rank of a `torch.distributed` group, splits the
+    tokens over the ranks (Ulysses, `turbowan.ops.sequence_parallel`) and returns the whole velocity on every rank.
     """
 
     def __init__(self, config: DiTConfig, quant: str | None = None, with_proj_l: bool = True):
@@ -286,6 +286,10 @@ class WanI2VDiT(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
+    @property
+    def text_to_video(self) -> bool:
+        return self.config.text_to_video
+
     def _time_mlp(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 time embedding e [B, dim] and block modulation input e0 [B, 6, dim]."""
         def lin(layer, x):
@@ -295,12 +299,15 @@ class WanI2VDiT(nn.Module):
         e0 = lin(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
         return e, e0
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
                 sequence_group=None) -> torch.Tensor:
         c = self.config
         dt = self.dtype
         kt, kh, kw = c.patch_size
-        xy = torch.cat([x.to(dt), y.to(dt)], dim=1)  # [B, 36, T, H, W]
+        if (y is None) != c.text_to_video:
+            raise ValueError("a text-to-video model takes no image conditioning y" if c.text_to_video else
+                             "an image-to-video expert needs its image conditioning y [B, 20, T, H, W]")
+        xy = x.to(dt) if y is None else torch.cat([x.to(dt), y.to(dt)], dim=1)  # [B, in_dim, T, H, W]
         B, C, T_in, H_in, W_in = xy.shape
         if T_in % kt or H_in % kh or W_in % kw:
             raise ValueError(f"latent size {T_in}x{H_in}x{W_in} is not divisible by the patch size {c.patch_size}")
@@ -347,7 +354,7 @@ def load_dit(
     dtype: torch.dtype = torch.bfloat16,
     mode: str = "auto",
 ) -> WanI2VDiT:
-    """Load one TurboWan2.2 I2V expert for inference.
+    """Load one TurboWan2.2 I2V expert or a TurboWan2.1 T2V model (any size) for inference.
 
     * ``attention``: ``"sla"`` (default), ``"sagesla"``, ``"sagesla_spargeattn"`` (needs SpargeAttn installed) or
       ``"original"`` (dense; the SLA weights go unused).
@@ -381,7 +388,7 @@ def load_dit(
     if attention != "original" and not ckpt.has_sla:
         raise ModelFileError(
             f"{name} has no SLA weights (proj_l), so it is not a TurboWan checkpoint for attention_type "
-            f"{attention!r}; use the TurboWan2.2 files, or attention_type 'original'"
+            f"{attention!r}; use the TurboWan files, or attention_type 'original'"
         )
     if quant == "auto":
         quant = "w8a8" if ckpt.quantized and dtype == torch.bfloat16 and w8a8_kernel_runs() else "w8a16"
@@ -398,7 +405,7 @@ def load_dit(
         have = sd[k]
         if have.shape != want.shape or (have.dtype == torch.int8) != (want.dtype == torch.int8):
             raise ModelFileError(f"{name}: tensor {k!r} is {have.dtype} {tuple(have.shape)}, expected {want.dtype} "
-                                 f"{tuple(want.shape)}; the file is damaged or not a TurboWan2.2 expert, download "
+                                 f"{tuple(want.shape)}; the file is damaged or not a TurboWan model, download "
                                  "it again")
     model.load_state_dict(sd, strict=True, assign=True)
     if quant == "w8a8" and not ckpt.quantized:  # bf16 file run as w8a8: quantize the block linears now

@@ -28,6 +28,7 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the real-server test")
 
 HIGH, LOW, VAE = "TurboWan2.2-I2V-tiny-high.pth", "TurboWan2.2-I2V-tiny-low.pth", "Wan2.1_VAE-tiny.pth"
+T2V = "TurboWan2.1-T2V-1.3B-480P-tiny-quant.pth"
 FRAMES, WIDTH, HEIGHT = 9, 64, 48
 STARTUP_S, RUN_S = 180, 300
 
@@ -130,7 +131,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from helpers import fixtures_dir, write_tiny_lora
+    from helpers import fixtures_dir, write_tiny_lora, write_tiny_t2v
 
     fixtures = fixtures_dir()
     base = tmp_path_factory.mktemp("comfyui_base")
@@ -141,6 +142,7 @@ def server(tmp_path_factory):
         (base / "models" / sub).mkdir(parents=True)
         for name in names:
             shutil.copy(fixtures / folder / name, base / "models" / sub / name)
+    write_tiny_t2v(base / "models" / "diffusion_models" / T2V, quant=True)
     (base / "models" / "loras").mkdir(parents=True)
     write_tiny_lora(base / "models" / "loras" / "tiny_high.safetensors", seed=1)
     (base / "input").mkdir()
@@ -205,7 +207,7 @@ def test_nodes_are_registered(server):
     for name in ("TurboWanModelLoader", "TurboWanVAELoader", "TurboDiffusionSaveVideo", "TurboWanLoadTextEmbedding"):
         assert name in server.get(f"/object_info/{name}")
     loader = server.get("/object_info/TurboWanModelLoader")["TurboWanModelLoader"]
-    assert loader["input"]["required"]["model_name"][0] == [HIGH, LOW]
+    assert loader["input"]["required"]["model_name"][0] == [T2V, HIGH, LOW]  # the folder, sorted
 
 
 def test_api_workflow_runs_end_to_end(server):
@@ -309,6 +311,25 @@ def test_lora_loader_chains_between_the_model_loader_and_the_sampler(server):
     entry = server.wait_done(server.queue(prompt))
     assert entry["status"]["status_str"] == "success", server.log_text()
     assert len(decode(saved_video(server, entry)).frames) == FRAMES
+
+
+def test_text_to_video_api_workflow_runs_end_to_end(server):
+    prompt = copy.deepcopy(json.loads((REPO / "workflows" / "turbowan_t2v_api.json").read_text()))
+    text_node = next(k for k, v in prompt.items() if v["class_type"] == "CLIPTextEncode")
+    del prompt[next(k for k, v in prompt.items() if v["class_type"] == "CLIPLoader")]
+    prompt[text_node] = {"class_type": "TurboWanLoadTextEmbedding", "inputs": {"embedding": "prompt.safetensors"}}
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "TurboWanModelLoader":
+            inputs.update(model_name=T2V, sla_topk=1.0)
+        elif node["class_type"] == "TurboWanVAELoader":
+            inputs["vae_name"] = VAE
+        elif node["class_type"] == "TurboDiffusionT2VSampler":
+            inputs.update(num_frames=FRAMES, width=WIDTH, height=HEIGHT, seed=4)
+    entry = server.wait_done(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", server.log_text()
+    frames = decode(saved_video(server, entry)).frames
+    assert len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
 
 
 def test_original_node_api_workflow_runs_unchanged(server):  # last: it replaces the cached loaders

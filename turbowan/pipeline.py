@@ -68,7 +68,7 @@ def check_run_options(num_frames: int = 81, num_steps: int = 4, seed: int = 0, s
     if not 0 <= seed <= SEED_MAX:
         raise ValueError(f"{name('seed')} must be between 0 and 2**64-1 ({SEED_MAX}), got {seed}")
     if not 0 < sigma_max < math.inf:  # also refuses NaN, which would sample a black video
-        raise ValueError(f"{name('sigma_max')} must be a positive finite number (200 recommended), got {sigma_max}")
+        raise ValueError(f"{name('sigma_max')} must be a positive finite number (200 for image-to-video, 80 for text-to-video), got {sigma_max}")
     if not 0.0 <= boundary <= 1.0:
         raise ValueError(f"{name('boundary')} is a flow time between 0 and 1 (0.9 recommended), got {boundary}")
     if num_samples < 1:

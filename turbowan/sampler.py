@@ -49,7 +49,7 @@ def rcm_timesteps(num_steps: int, sigma_max: float = 200.0) -> torch.Tensor:
     if not 1 <= num_steps <= 4:
         raise ValueError(f"num_steps must be between 1 and 4 (the models were distilled for 4), got {num_steps}")
     if not (math.isfinite(sigma_max) and sigma_max > 0):  # NaN would pass a `<= 0` test
-        raise ValueError(f"sigma_max must be a finite positive number (200 recommended), got {sigma_max}")
+        raise ValueError(f"sigma_max must be a finite positive number (200 for image-to-video, 80 for text-to-video), got {sigma_max}")
     angles = torch.tensor([math.atan(sigma_max), *MID_ANGLES[: num_steps - 1], 0.0], dtype=torch.float64)
     return torch.sin(angles) / (torch.cos(angles) + torch.sin(angles))
 

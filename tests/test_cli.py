@@ -194,6 +194,8 @@ def test_python_dash_m_turbowan_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_models_dir_finds_release_names_and_prefers_quant(tmp_path):
+    from turbowan.model_files import find_model_files
+
     names = {"diffusion_models": ["TurboWan2.2-I2V-A14B-high-720P.pth", "TurboWan2.2-I2V-A14B-high-720P-quant.pth",
                                   "TurboWan2.2-I2V-A14B-low-720P.pth", "wan2.2_ti2v_5B_fp16.safetensors"],
              "vae": ["wan2.2_vae.safetensors", "wan_2.1_vae.safetensors"],
@@ -202,7 +204,7 @@ def test_models_dir_finds_release_names_and_prefers_quant(tmp_path):
         (tmp_path / folder).mkdir()
         for name in files:
             (tmp_path / folder / name).touch()
-    found = {k: [p.name for p in v] for k, v in cli.find_model_files(tmp_path).items()}
+    found = {k: [p.name for p in v] for k, v in find_model_files(tmp_path).items()}
     assert found["high"] == ["TurboWan2.2-I2V-A14B-high-720P-quant.pth", "TurboWan2.2-I2V-A14B-high-720P.pth"]
     assert found["low"] == ["TurboWan2.2-I2V-A14B-low-720P.pth"]
     assert found["vae"] == ["wan_2.1_vae.safetensors"]  # the Wan2.2 (TI2V-5B) VAE is not a candidate

@@ -29,7 +29,7 @@ from typing import Optional
 from .options import (ASPECT_RATIOS, ATTENTION_KINDS, EXECUTION_MODES, QUANT_MODES, RESOLUTIONS, VIDEO_FORMATS,
                       latent_tokens)
 from .video import check_writable
-from .model_files import MODEL_SLOTS, SLOTS_BY_KEY, find_model_files, missing_slot_error, resolve_model_files
+from .model_files import MODEL_SLOTS, SLOTS_BY_KEY, missing_slot_error, resolve_model_files
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 TICK_SECONDS = 5.0  # a running stage reports at least this often (plain lines; a bar's clock every second)

@@ -143,10 +143,6 @@ class StagingRing:
         self.pool = ThreadPoolExecutor(threads or _default_threads(), thread_name_prefix="turbowan-staging")
         self.files = MappedFiles() if hasattr(os, "preadv") else None
 
-    @property
-    def pinned_bytes(self) -> int:
-        return self.slot_bytes * len(self.buffers) if self.cuda else 0
-
     def locate(self, sources: Sequence[torch.Tensor]) -> list[Optional[tuple[int, int]]]:
         """Where each source's bytes lie in a mapped file ((fd, offset), or None): for `upload`'s ``files``. Valid
         while the caller holds the tensors."""

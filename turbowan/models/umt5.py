@@ -60,7 +60,7 @@ from torch import nn
 
 from ..options import TEXT_WIDTH
 from ..checkpoint import ModelFile, ModelFileError, describe, strip_prefixes
-from .tokenizer import EOS_ID, PAD_ID, TEXT_LEN, PathLike, UMT5Tokenizer, default_tokenizer_file
+from .tokenizer import PathLike, UMT5Tokenizer, default_tokenizer_file
 
 MAX_DISTANCE = 128  # relative distances >= this share the last bucket
 NORM_EPS = 1e-6

@@ -95,6 +95,8 @@ class Int8Linear(nn.Module):
     the reference's numerics).
     """
 
+    shares_int8_input = True  # W8A8 layers reading the same x may share one quantization of it
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant: str = "w8a16"):
         super().__init__()
         if quant not in QUANT_MODES:
@@ -179,8 +181,9 @@ class Int8LoraLinear(Int8Linear):
 
 
 def _runs_triton_w8a8(x: torch.Tensor, *layers) -> bool:
-    if not (x.is_cuda and all(isinstance(m, Int8Linear) and m.quant == "w8a8" and m.shares_int8_input
-                              for m in layers)):
+    # the layers' own conditions first, so that CPU runs check them too
+    if not (all(isinstance(m, Int8Linear) and m.quant == "w8a8" and m.shares_int8_input for m in layers)
+            and x.is_cuda):
         return False
     from ..kernels import int8_dispatch
 

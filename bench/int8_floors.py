@@ -1,0 +1,115 @@
+"""Where the W8A8 GEMM's time goes: the same tile shape with and without the per-128-K-block promotion.
+
+    python bench/int8_floors.py [--shape 75600 5120 13824]
+
+Issue 14 asks for the W8A8 GEMM at >= 1200 TOP/s. The reference's numerics need an fp32 fma per output element
+per 128-wide K block (`turbowan.kernels.int8_triton`). To tell that cost from the tensor cores' own rate, this
+times, on one shape, in one run:
+  * cuBLAS: bf16 `F.linear`, int8 `torch._int_mm`, fp8 e4m3 `torch._scaled_mm` (per-tensor scales);
+  * plain Triton GEMMs with our tile (128 x 256 x 128, 8 warps, 4 stages, TMA operands): int8 with one int32
+    accumulator over all of K (no promotion: not our numerics), and fp8 e4m3 with an fp32 accumulator;
+  * our W8A8 GEMM (per-block promotion, bit-exact to the emulation).
+The plain int8 kernel is checked against torch._int_mm (exactly); the fp8 one's difference from an fp32 product
+is printed (Hopper's fp8 tensor cores accumulate with reduced precision).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+import common
+from turbowan.kernels.int8_triton import w8a8_gemm
+
+
+@triton.jit
+def _plain_gemm_kernel(a_desc, b_desc, c_ptr, M, N, K, GROUP_M: tl.constexpr, ACC_INT: tl.constexpr):
+    BM: tl.constexpr = 128
+    BN: tl.constexpr = 256
+    BK: tl.constexpr = 128
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    if ACC_INT:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        a = a_desc.load([pid_m * BM, k])
+        b = b_desc.load([pid_n * BN, k])
+        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(tl.float32), mask=mask)
+
+
+def plain_gemm(a, b, acc_int: bool, stages: int = 4):
+    m, k = a.shape
+    n = b.shape[0]
+    c = torch.empty(m, n, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(m, 128) * triton.cdiv(n, 256),)
+    _plain_gemm_kernel[grid](TensorDescriptor.from_tensor(a, [128, 128]), TensorDescriptor.from_tensor(b, [256, 128]),
+                             c, m, n, k, GROUP_M=8, ACC_INT=acc_int, num_warps=8, num_stages=stages)
+    return c
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", nargs=3, type=int, default=[75600, 5120, 13824], metavar=("M", "K", "N"))
+    args = ap.parse_args()
+    m, k, n = args.shape
+    dev = "cuda"
+    ops = 2 * m * n * k
+    g = torch.Generator(dev).manual_seed(0)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev, generator=g)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=dev, generator=g)
+    xs = torch.rand(triton.cdiv(m, 128), k // 128, device=dev, generator=g) * 1e-2
+    ws = torch.rand(triton.cdiv(n, 128), k // 128, device=dev, generator=g) * 1e-2
+    xb, wb = xq.to(torch.bfloat16), wq.to(torch.bfloat16)
+    x8, w8 = (xq.float() / 32).to(torch.float8_e4m3fn), (wq.float() / 32).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev)
+
+    # correctness of the plain kernels on a slice (int8 exact; fp8 products are exact in fp32, sums rounded)
+    ms_ = min(m, 1024)
+    ref_i = torch._int_mm(xq[:ms_].contiguous(), wq.t()).float()
+    got_i = plain_gemm(xq[:ms_].contiguous(), wq, True)
+    assert torch.equal(got_i, ref_i), "plain int8 Triton GEMM differs from torch._int_mm"
+    ref_f = x8[:ms_].float() @ w8.float().t()
+    got_f = plain_gemm(x8[:ms_].contiguous(), w8, False)
+    # Hopper's fp8 tensor cores add with fewer mantissa bits than fp32: report the difference, not a pass/fail
+    fp8_err = float((got_f - ref_f).norm() / ref_f.norm())
+
+    rows = [
+        ("bf16 cuBLAS F.linear", lambda: F.linear(xb, wb)),
+        ("int8 torch._int_mm", lambda: torch._int_mm(xq, wq.t())),
+        ("fp8 e4m3 torch._scaled_mm (per-tensor)",
+         lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)),
+        ("Triton int8, int32 acc over all K (no promotion)", lambda: plain_gemm(xq, wq, True)),
+        ("Triton int8, 3 stages", lambda: plain_gemm(xq, wq, True, 3)),
+        ("Triton fp8 e4m3, fp32 acc", lambda: plain_gemm(x8, w8, False)),
+        ("ours: W8A8 with per-128-K promotion (bit-exact)",
+         lambda: w8a8_gemm(xq, xs, wq, ws, None, torch.bfloat16)),
+    ]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"M={m} K={k} N={n}")
+    print(f"plain fp8 Triton vs fp32 matmul of the same fp8 values: relative L2 {fp8_err:.1e}")
+    print("| kernel | ms | T(FL)OP/s |")
+    print("|---|---|---|")
+    for name, fn in rows:
+        ms = common.median_ms(fn, reps=10, warmup=3)
+        print(f"| {name} | {ms:.2f} | {ops / ms / 1e9:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,10 +37,12 @@ def import_reference(ref: str):
 
     sys.modules.setdefault("turbo_diffusion_ops", types.SimpleNamespace(quant_cuda=refuse, gemm_cuda=refuse))
     from inference.modify_model import replace_attention, replace_linear_norm, select_model
-    import rcm.networks.wan2pt2 as network
+    import rcm.networks.wan2pt1 as wan2pt1  # the Wan2.1 T2V network
+    import rcm.networks.wan2pt2 as wan2pt2  # the Wan2.2 I2V experts
 
-    if network.flash_apply_rotary_emb is None:  # flash-attn absent (as for the anchors): RoPE in plain torch
-        network.flash_apply_rotary_emb = rotary_interleaved
+    for network in (wan2pt1, wan2pt2):
+        if network.flash_apply_rotary_emb is None:  # flash-attn absent (as for the anchors): RoPE in plain torch
+            network.flash_apply_rotary_emb = rotary_interleaved
     return select_model, replace_attention, replace_linear_norm
 
 
@@ -52,10 +54,12 @@ def rotary_interleaved(x, cos, sin, interleaved=True, inplace=False):
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
 
 
-def build(ref: str, topk: float):
+def build(ref: str, topk: float, model: str = "Wan2.2-A14B"):
+    """The reference's ``model`` (a `select_model` name: Wan2.2-A14B, Wan2.1-14B, Wan2.1-1.3B) as its
+    modify_model.py builds it for SLA inference, bf16 random weights, on the GPU."""
     select_model, replace_attention, replace_linear_norm = import_reference(ref)
     with torch.device("meta"):
-        net = select_model("Wan2.2-A14B")
+        net = select_model(model)
     net = replace_attention(net, attention_type="sla", sla_topk=topk)
     replace_linear_norm(net, replace_linear=False, replace_norm=True, quantize=False)
     net = net.to_empty(device="cuda").to(torch.bfloat16).eval().requires_grad_(False)
@@ -68,6 +72,9 @@ def build(ref: str, topk: float):
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, device="cuda", generator=g) * 0.01)
+        for name, b in net.named_buffers():  # the fused norms keep their weights as buffers: to_empty left them unset
+            if b.is_floating_point():
+                b.fill_(1.0 if name.endswith("weight") else 0.0)
     return net
 
 

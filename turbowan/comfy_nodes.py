@@ -439,33 +439,55 @@ def run_sampler(models, num_frames: int, num_steps: int, run, encodes: bool, siz
         mm.soft_empty_cache()
 
 
+def _sampler_inputs() -> dict:
+    """The inputs both samplers take, spelled once; each node lists them in its own (saved-workflow) order."""
+    return {
+        "conditioning": ("CONDITIONING", {
+            "tooltip": "Prompt from CLIPTextEncode with CLIPLoader type 'wan' (umT5-xxl, 4096 wide)."}),
+        "vae": ("VAE", {"tooltip": "Wan2.1 VAE from TurboWanVAELoader or the stock VAELoader."}),
+        "num_frames": ("INT", {
+            "default": 81, "min": 1, "max": 241, "step": 4,
+            "tooltip": "Frames to generate; must be 4n+1 (81 = 5 s at 16 fps)."}),
+        "num_steps": ("INT", {
+            "default": 4, "min": 1, "max": 4,
+            "tooltip": "Sampling steps; the models were distilled for 1-4 (4 recommended)."}),
+        "aspect_ratio": (list(ASPECT_RATIOS), {"default": "16:9"}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+        **{side: ("INT", {
+            "default": 0, "min": 0, "max": 4096, "step": 16,
+            "tooltip": f"Explicit {side} (multiple of 16) with {other}; 0 uses the resolution preset."})
+           for side, other in (("width", "height"), ("height", "width"))},
+    }
+
+
+def _explicit_size(width: int, height: int) -> dict:
+    """The width / height widgets as the pipeline's keywords: 0 (the widgets' default) = from the preset."""
+    return {"width": width or None, "height": height or None}
+
+
 class TurboDiffusionI2VSampler:
     @classmethod
     def INPUT_TYPES(cls):
+        shared = _sampler_inputs()
         return {
             "required": {
                 "high_noise_model": ("MODEL", {"tooltip": "High-noise expert (…-high-…) from TurboWanModelLoader."}),
                 "low_noise_model": ("MODEL", {"tooltip": "Low-noise expert (…-low-…) from TurboWanModelLoader."}),
-                "conditioning": ("CONDITIONING", {
-                    "tooltip": "Prompt from CLIPTextEncode with CLIPLoader type 'wan' (umT5-xxl, 4096 wide)."}),
-                "vae": ("VAE", {"tooltip": "Wan2.1 VAE from TurboWanVAELoader or the stock VAELoader."}),
+                "conditioning": shared["conditioning"],
+                "vae": shared["vae"],
                 "image": ("IMAGE", {"tooltip": "The first frame of the video (one image)."}),
-                "num_frames": ("INT", {
-                    "default": 81, "min": 1, "max": 241, "step": 4,
-                    "tooltip": "Frames to generate; must be 4n+1 (81 = 5 s at 16 fps)."}),
-                "num_steps": ("INT", {
-                    "default": 4, "min": 1, "max": 4,
-                    "tooltip": "Sampling steps; the models were distilled for 1-4 (4 recommended)."}),
+                "num_frames": shared["num_frames"],
+                "num_steps": shared["num_steps"],
                 "resolution": (list(RESOLUTIONS), {
                     "default": "720p", "tooltip": "Size preset (with aspect_ratio); 480 / 480p need less VRAM."}),
-                "aspect_ratio": (list(ASPECT_RATIOS), {"default": "16:9"}),
+                "aspect_ratio": shared["aspect_ratio"],
                 "boundary": ("FLOAT", {
                     "default": 0.9, "min": 0.0, "max": 1.0, "step": 0.01,
                     "tooltip": "Flow time below which the low-noise expert takes over (0.9: two steps each)."}),
                 "sigma_max": ("FLOAT", {
                     "default": 200.0, "min": 1.0, "max": 10000.0, "step": 1.0,
                     "tooltip": "Initial noise level of rCM sampling."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "seed": shared["seed"],
                 "use_ode": ("BOOLEAN", {
                     "default": False, "tooltip": "ODE sampling: sharper but less robust than the default SDE."}),
             },
@@ -474,12 +496,8 @@ class TurboDiffusionI2VSampler:
                 "adaptive_resolution": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Keep the preset's pixel count but follow the input image's aspect ratio."}),
-                "width": ("INT", {
-                    "default": 0, "min": 0, "max": 4096, "step": 16,
-                    "tooltip": "Explicit width (multiple of 16) with height; 0 uses the resolution preset."}),
-                "height": ("INT", {
-                    "default": 0, "min": 0, "max": 4096, "step": 16,
-                    "tooltip": "Explicit height (multiple of 16) with width; 0 uses the resolution preset."}),
+                "width": shared["width"],
+                "height": shared["height"],
             }
         }
 
@@ -501,7 +519,7 @@ class TurboDiffusionI2VSampler:
             raise TurboWanError(
                 f"the image input is a batch of {image.shape[0]} images; connect one (e.g. through ImageFromBatch)")
 
-        size = {"width": width or None, "height": height or None}  # 0 = from the preset
+        size = _explicit_size(width, height)
 
         def run(progress, device, before_load):
             return generate_i2v(
@@ -524,34 +542,26 @@ class TurboDiffusionI2VSampler:
 class TurboDiffusionT2VSampler:
     @classmethod
     def INPUT_TYPES(cls):
+        shared = _sampler_inputs()
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A TurboWan2.1-T2V model (1.3B or 14B) from TurboWanModelLoader."}),
-                "conditioning": ("CONDITIONING", {
-                    "tooltip": "Prompt from CLIPTextEncode with CLIPLoader type 'wan' (umT5-xxl, 4096 wide)."}),
-                "vae": ("VAE", {"tooltip": "Wan2.1 VAE from TurboWanVAELoader or the stock VAELoader."}),
-                "num_frames": ("INT", {
-                    "default": 81, "min": 1, "max": 241, "step": 4,
-                    "tooltip": "Frames to generate; must be 4n+1 (81 = 5 s at 16 fps)."}),
-                "num_steps": ("INT", {
-                    "default": 4, "min": 1, "max": 4,
-                    "tooltip": "Sampling steps; the models were distilled for 1-4 (4 recommended)."}),
+                "conditioning": shared["conditioning"],
+                "vae": shared["vae"],
+                "num_frames": shared["num_frames"],
+                "num_steps": shared["num_steps"],
                 "resolution": (list(RESOLUTIONS), {
                     "default": "480p", "tooltip": "Size preset (with aspect_ratio); the 1.3B and 14B-480P models "
                                                   "are made for 480p, the 14B-720P for 720p."}),
-                "aspect_ratio": (list(ASPECT_RATIOS), {"default": "16:9"}),
+                "aspect_ratio": shared["aspect_ratio"],
                 "sigma_max": ("FLOAT", {
                     "default": 80.0, "min": 1.0, "max": 10000.0, "step": 1.0,
                     "tooltip": "Initial noise level of rCM sampling (80, as the reference's T2V script)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "seed": shared["seed"],
             },
             "optional": {
-                "width": ("INT", {
-                    "default": 0, "min": 0, "max": 4096, "step": 16,
-                    "tooltip": "Explicit width (multiple of 16) with height; 0 uses the resolution preset."}),
-                "height": ("INT", {
-                    "default": 0, "min": 0, "max": 4096, "step": 16,
-                    "tooltip": "Explicit height (multiple of 16) with width; 0 uses the resolution preset."}),
+                "width": shared["width"],
+                "height": shared["height"],
             }
         }
 
@@ -567,7 +577,7 @@ class TurboDiffusionT2VSampler:
         _check_expert(model, "model")
         text = embedding_from_conditioning(conditioning)
         wan_vae = as_turbowan_vae(vae)
-        size = {"width": width or None, "height": height or None}  # 0 = from the preset
+        size = _explicit_size(width, height)
 
         def run(progress, device, before_load):
             return generate_t2v(model, wan_vae, text, num_frames=num_frames, num_steps=num_steps,

@@ -29,7 +29,7 @@ _FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 if triton is not None:
     import triton.language as tl
 
-    from .sla_common import mma
+    from .sla_common import linear_branch_and_store, load_row_block, mma, query_block_program, selected_key_rows
 
     @triton.jit
     def _quant_int8_kernel(
@@ -37,13 +37,7 @@ if triton is not None:
         BLOCK: tl.constexpr, D: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ):
         # BLOCK rows of one head -> int8 rows of XQ (B*H, L_PAD, D), one fp32 scale per row (token)
-        blk = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        rows = blk * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, D)
-        real = rows < L
-        x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxl + offs_d[None, :], mask=real[:, None], other=0.0)
+        _, bh, rows, offs_d, real, x = load_row_block(X, L, H, sxb, sxl, sxh, BLOCK, D)
         x = x.to(tl.float32)
         if HAS_SHIFT:
             x = x - tl.load(SHIFT + bh * D + offs_d).to(tl.float32)[None, :]
@@ -60,13 +54,7 @@ if triton is not None:
         BLOCK: tl.constexpr, D: tl.constexpr,
     ):
         # one (BLOCK, D) tile of v -> fp8 columns of VT (B*H, D, L_PAD), scaled per channel
-        blk = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        rows = blk * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, D)
-        real = rows < L
-        v = tl.load(V + b * svb + h * svh + rows[:, None] * svl + offs_d[None, :], mask=real[:, None], other=0.0)
+        _, bh, rows, offs_d, _, v = load_row_block(V, L, H, svb, svl, svh, BLOCK, D)
         scale = tl.load(VSCALE + bh * D + offs_d)  # amax / 448 per channel
         v8 = tl.clamp(v.to(tl.float32) / scale[None, :], -448.0, 448.0).to(tl.float8e4nv)
         tl.store(VT + (bh * D + offs_d[None, :]) * L_PAD + rows[:, None], v8)
@@ -81,14 +69,7 @@ if triton is not None:
     ):
         # UPCAST (CPU interpreter only): every dot on exact fp32 copies of its operands
         BLOCK_N: tl.constexpr = BLKK * PAIR
-        qblk = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        half = offs_n // BLKK
-        within = offs_n % BLKK
+        qblk, bh, b, h, offs_m, offs_n, offs_d, half, within = query_block_program(H, BLOCK_M, BLOCK_N, BLKK, D)
         k_pad = N_KBLOCKS * BLKK
 
         q_i8 = tl.load(QI + (bh * N_QBLOCKS * BLOCK_M + offs_m[:, None]) * D + offs_d[None, :])
@@ -102,18 +83,8 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         for step in range(0, N_STEPS):
-            first = tl.load(lut + step * PAIR)
-            if PAIR == 2:
-                has_second = step * 2 + 1 < N_SEL
-                second = tl.load(lut + step * 2 + 1, mask=has_second, other=first)
-                block = tl.where(half == 0, first, second)
-                needs_mask = ((second + 1) * BLKK > L) | ((first + 1) * BLKK > L) | (step * 2 + 1 >= N_SEL)
-                real = ((block * BLKK + within) < L) & ((half == 0) | has_second)
-            else:
-                block = first + half * 0
-                needs_mask = (first + 1) * BLKK > L
-                real = (block * BLKK + within) < L
-            rows = block * BLKK + within  # always inside the zero-padded quantized buffers
+            # rows stay inside the zero-padded quantized buffers; real masks the padding
+            rows, real, needs_mask = selected_key_rows(lut, step, N_SEL, L, offs_n, half, within, BLKK, PAIR)
             k_i8 = tl.load(ki_base + rows[None, :] * D + offs_d[:, None])  # (D, N)
             k_scale = tl.load(KSCALE + bh * k_pad + rows)  # (N,) per key row
             if UPCAST:
@@ -142,24 +113,8 @@ if triton is not None:
         # linear branch and proj_l: as in the bf16 `sla` kernel, from the unquantized q
         q_real = offs_m < L
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=q_real[:, None], other=0.0)
-        qf = q.to(tl.bfloat16).to(tl.float32)
-        e = tl.exp(qf - tl.max(qf, axis=1)[:, None])
-        phi_q = (e / tl.sum(e, axis=1)[:, None]).to(tl.bfloat16)
-        kv = tl.load(KV + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-        num = mma(phi_q, kv, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, False).to(tl.bfloat16)
-        k_sum = tl.load(KSUM + bh * D + offs_d)
-        den = tl.sum((phi_q.to(tl.float32) * k_sum.to(tl.float32)[None, :]).to(tl.bfloat16).to(tl.float32), axis=1)
-        den = (den.to(tl.bfloat16).to(tl.float32) + 1e-5).to(tl.bfloat16)
-        o_l = (num.to(tl.float32) / den.to(tl.float32)[:, None]).to(tl.bfloat16)
-        w_t = tl.load(W + offs_d[None, :] * D + offs_d[:, None])
-        bias = tl.load(BIAS + offs_d)
-        lin = mma(o_l, w_t, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, False) + bias.to(tl.float32)[None, :]
-        out = o_s.to(tl.float32) + lin.to(tl.bfloat16).to(tl.float32)
-        tl.store(
-            OUT + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
-            out.to(OUT.dtype.element_ty),
-            mask=q_real[:, None],
-        )
+        linear_branch_and_store(q.to(tl.bfloat16), o_s, KV, KSUM, W, BIAS, OUT, bh, b, h, offs_m, offs_d, q_real,
+                                sob, sol, soh, BLOCK_M, D, UPCAST, False)
 
 
 def fp8_supported(device: torch.device | None = None) -> bool:
@@ -169,18 +124,9 @@ def fp8_supported(device: torch.device | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def sagesla_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    proj_l_weight: torch.Tensor,
-    proj_l_bias: torch.Tensor,
-    topk: float,
-    blkq: int = BLKQ,
-    blkk: int = BLKK,
-    config: dict | None = None,
-    pv_fp8: bool | None = None,
-) -> torch.Tensor:
+def sagesla_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l_weight: torch.Tensor,
+                             proj_l_bias: torch.Tensor, topk: float, blkq: int = BLKQ, blkk: int = BLKK,
+                             config: dict | None = None, pv_fp8: bool | None = None) -> torch.Tensor:
     """Quantized SLA forward; same contract as `sla_attention_triton` (CUDA, bf16/fp16 q, k, v (B, L, H, D)).
 
     pv_fp8: P.V on the fp8 tensor cores (None: wherever the card has them, compute capability 8.9+); False keeps

@@ -1,5 +1,7 @@
 """The Triton pieces both SLA kernels (`sla_triton`, `sagesla_triton`) share: the key-stats pass, block pooling, the
-block map built from them, and the checks and matmul helper every kernel launch needs.
+block map built from them, the checks every launch needs, and the jit helpers both forward kernels inline (matmul,
+a program's query tile, the key rows of a LUT step, the linear-branch epilogue; Triton inlines them, so each kernel
+compiles as if they were written in place).
 
 * `key_stats`: one pass over k and v gives, per head, the column sums of k (-> mean_L(k) for the block map) and the
   linear branch's reductions sum_L phi(k) and phi(k)^T v (phi = softmax over the head dim), as per-split partials
@@ -30,7 +32,7 @@ _ROWS_PER_SPLIT = 4096  # rows of one head reduced by one program of the key-sta
 _STATS_BLOCK = 64
 
 
-if triton is not None:  # jit helpers must be module globals of the kernel calling them: kernels import mma, to_compute
+if triton is not None:  # jit helpers must be module globals of the kernel calling them: kernel modules import them
 
     @triton.jit
     def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -88,10 +90,8 @@ if triton is not None:  # jit helpers must be module globals of the kernel calli
         tl.store(KV_PART + part * D * D + offs_d[:, None] * D + offs_d[None, :], kv)
 
     @triton.jit
-    def _pool_kernel(
-        X, SHIFT, OUT, L, H, N_BLOCKS, sxb, sxl, sxh,
-        BLOCK: tl.constexpr, D: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ):
+    def load_row_block(X, L, H, sxb, sxl, sxh, BLOCK: tl.constexpr, D: tl.constexpr):
+        # program (block, b*h) of a per-block launch over X (B, L, H, D): its BLOCK rows of one head, 0 past L
         blk = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
@@ -99,6 +99,72 @@ if triton is not None:  # jit helpers must be module globals of the kernel calli
         offs_d = tl.arange(0, D)
         real = rows < L
         x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxl + offs_d[None, :], mask=real[:, None], other=0.0)
+        return blk, bh, rows, offs_d, real, x
+
+    @triton.jit
+    def query_block_program(H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLKK: tl.constexpr, D: tl.constexpr):
+        # program (query block, b*h) of a sparse forward kernel: its query rows and the key-tile columns (PAIR key
+        # blocks of BLKK rows side by side)
+        qblk = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        half = offs_n // BLKK  # which of the PAIR key blocks a tile column belongs to
+        within = offs_n % BLKK
+        return qblk, bh, b, h, offs_m, offs_n, offs_d, half, within
+
+    @triton.jit
+    def selected_key_rows(lut, step, N_SEL, L, offs_n, half, within, BLKK: tl.constexpr, PAIR: tl.constexpr):
+        # the key rows of loop step `step`: the LUT's selected blocks step*PAIR .. step*PAIR+PAIR-1 (an unpaired
+        # tail step repeats the first, masked out); real: rows that exist; needs_mask: some row of the tile does not
+        first = tl.load(lut + step * PAIR)
+        if PAIR == 2:
+            has_second = step * 2 + 1 < N_SEL
+            second = tl.load(lut + step * 2 + 1, mask=has_second, other=first)
+            block = tl.where(half == 0, first, second)
+            rows = block * BLKK + within
+            real = (rows < L) & ((half == 0) | has_second)
+            needs_mask = ((second + 1) * BLKK > L) | ((first + 1) * BLKK > L) | (step * 2 + 1 >= N_SEL)
+        else:
+            rows = first * BLKK + offs_n
+            real = rows < L
+            needs_mask = (first + 1) * BLKK > L
+        return rows, real, needs_mask
+
+    @triton.jit
+    def linear_branch_and_store(
+        q, o_s, KV, KSUM, W, BIAS, OUT, bh, b, h, offs_m, offs_d, q_real, sob, sol, soh,
+        BLOCK_M: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # The epilogue of a sparse forward kernel: the linear branch for these rows (q and o_s in the compute dtype)
+        # and proj_l, with the reference's roundings to the compute dtype between steps, added to o_s and stored.
+        qf = q.to(tl.float32)
+        e = tl.exp(qf - tl.max(qf, axis=1)[:, None])
+        phi_q = (e / tl.sum(e, axis=1)[:, None]).to(q.dtype)
+        kv = tl.load(KV + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
+        num = mma(phi_q, kv, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, IEEE).to(q.dtype)
+        k_sum = tl.load(KSUM + bh * D + offs_d)
+        den = tl.sum((phi_q.to(tl.float32) * k_sum.to(tl.float32)[None, :]).to(q.dtype).to(tl.float32), axis=1)
+        den = (den.to(q.dtype).to(tl.float32) + 1e-5).to(q.dtype)
+        o_l = (num.to(tl.float32) / den.to(tl.float32)[:, None]).to(q.dtype)
+        w_t = tl.load(W + offs_d[None, :] * D + offs_d[:, None])  # proj_l weight transposed: [in, out]
+        bias = tl.load(BIAS + offs_d)
+        lin = mma(o_l, w_t, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, IEEE) + bias.to(tl.float32)[None, :]
+        out = o_s.to(tl.float32) + lin.to(q.dtype).to(tl.float32)
+        tl.store(
+            OUT + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
+            out.to(OUT.dtype.element_ty),
+            mask=q_real[:, None],
+        )
+
+    @triton.jit
+    def _pool_kernel(
+        X, SHIFT, OUT, L, H, N_BLOCKS, sxb, sxl, sxh,
+        BLOCK: tl.constexpr, D: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ):
+        blk, bh, _, offs_d, real, x = load_row_block(X, L, H, sxb, sxl, sxh, BLOCK, D)
         if HAS_SHIFT:
             shift = tl.load(SHIFT + bh * D + offs_d)
             # the reference subtracts in the input dtype, then pools the rounded differences (padding stays 0)

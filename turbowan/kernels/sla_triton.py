@@ -27,7 +27,7 @@ _FP32_CONFIG = {"pair": 1, "num_warps": 8, "num_stages": 1}
 if triton is not None:
     import triton.language as tl
 
-    from .sla_common import mma, to_compute
+    from .sla_common import linear_branch_and_store, mma, query_block_program, selected_key_rows, to_compute
 
     @triton.jit
     def _sla_fwd_kernel(
@@ -38,14 +38,7 @@ if triton is not None:
         LOW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
         BLOCK_N: tl.constexpr = BLKK * PAIR
-        qblk = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        half = offs_n // BLKK  # which of the PAIR key blocks a tile column belongs to
-        within = offs_n % BLKK
+        qblk, bh, b, h, offs_m, offs_n, offs_d, half, within = query_block_program(H, BLOCK_M, BLOCK_N, BLKK, D)
         q_real = offs_m < L
 
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=q_real[:, None], other=0.0)
@@ -58,18 +51,7 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         for step in range(0, N_STEPS):  # N_STEPS = ceil(N_SEL / PAIR)
-            first = tl.load(lut + step * PAIR)
-            if PAIR == 2:
-                has_second = step * 2 + 1 < N_SEL
-                second = tl.load(lut + step * 2 + 1, mask=has_second, other=first)
-                block = tl.where(half == 0, first, second)
-                rows = block * BLKK + within
-                real = (rows < L) & ((half == 0) | has_second)
-                needs_mask = ((second + 1) * BLKK > L) | ((first + 1) * BLKK > L) | (step * 2 + 1 >= N_SEL)
-            else:
-                rows = first * BLKK + offs_n
-                real = rows < L
-                needs_mask = (first + 1) * BLKK > L
+            rows, real, needs_mask = selected_key_rows(lut, step, N_SEL, L, offs_n, half, within, BLKK, PAIR)
             kt = tl.load(k_base + rows[None, :] * skl + offs_d[:, None], mask=real[None, :], other=0.0)  # (D, N)
             v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :], mask=real[:, None], other=0.0)  # (N, D)
             kt = to_compute(kt, LOW)
@@ -85,26 +67,8 @@ if triton is not None:
             acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
             m_i = m_new
         o_s = (acc / l_i[:, None]).to(q.dtype)  # the reference rounds the sparse output to the compute dtype
-
-        # Linear branch for these rows, with the reference's roundings to the compute dtype between steps.
-        qf = q.to(tl.float32)
-        e = tl.exp(qf - tl.max(qf, axis=1)[:, None])
-        phi_q = (e / tl.sum(e, axis=1)[:, None]).to(q.dtype)
-        kv = tl.load(KV + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-        num = mma(phi_q, kv, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, IEEE).to(q.dtype)
-        k_sum = tl.load(KSUM + bh * D + offs_d)
-        den = tl.sum((phi_q.to(tl.float32) * k_sum.to(tl.float32)[None, :]).to(q.dtype).to(tl.float32), axis=1)
-        den = (den.to(q.dtype).to(tl.float32) + 1e-5).to(q.dtype)
-        o_l = (num.to(tl.float32) / den.to(tl.float32)[:, None]).to(q.dtype)
-        w_t = tl.load(W + offs_d[None, :] * D + offs_d[:, None])  # proj_l weight transposed: [in, out]
-        bias = tl.load(BIAS + offs_d)
-        lin = mma(o_l, w_t, tl.zeros([BLOCK_M, D], dtype=tl.float32), UPCAST, IEEE) + bias.to(tl.float32)[None, :]
-        out = o_s.to(tl.float32) + lin.to(q.dtype).to(tl.float32)
-        tl.store(
-            OUT + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
-            out.to(OUT.dtype.element_ty),
-            mask=q_real[:, None],
-        )
+        linear_branch_and_store(q, o_s, KV, KSUM, W, BIAS, OUT, bh, b, h, offs_m, offs_d, q_real, sob, sol, soh,
+                                BLOCK_M, D, UPCAST, IEEE)
 
 
 def sla_block_map_triton(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int = BLKQ, blkk: int = BLKK):
@@ -116,17 +80,9 @@ def sla_block_map_triton(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: in
     return lut.view(q.shape[0], q.shape[2], -1, count), count
 
 
-def sla_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    proj_l_weight: torch.Tensor,
-    proj_l_bias: torch.Tensor,
-    topk: float,
-    blkq: int = BLKQ,
-    blkk: int = BLKK,
-    config: dict | None = None,
-) -> torch.Tensor:
+def sla_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l_weight: torch.Tensor,
+                         proj_l_bias: torch.Tensor, topk: float, blkq: int = BLKQ, blkk: int = BLKK,
+                         config: dict | None = None) -> torch.Tensor:
     """SLA forward on CUDA; same contract as `turbowan.ops.sla.sla_attention`.
 
     q, k, v: (B, L, H, D) CUDA tensors of one dtype (bf16, fp16 or fp32; the head dim must be contiguous, other

@@ -108,16 +108,8 @@ def linear_attention(q, k, v) -> torch.Tensor:
     return (phi_q @ kv) / (_LINEAR_EPS + (phi_q * k_sum).sum(dim=-1, keepdim=True))
 
 
-def sla_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    proj_l_weight: torch.Tensor,
-    proj_l_bias: torch.Tensor,
-    topk: float,
-    blkq: int = BLKQ,
-    blkk: int = BLKK,
-) -> torch.Tensor:
+def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l_weight: torch.Tensor,
+                  proj_l_bias: torch.Tensor, topk: float, blkq: int = BLKQ, blkk: int = BLKK) -> torch.Tensor:
     """SLA forward. q, k, v: (B, L, H, D), one dtype; proj_l: weight (D, D), bias (D,). -> (B, L, H, D), q's dtype."""
     check_sla_inputs(q, k, v, proj_l_weight, proj_l_bias)
     lut, _ = sla_block_map(q, k, topk, blkq, blkk)  # scored in the input dtype, as the reference does

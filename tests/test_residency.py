@@ -175,3 +175,14 @@ def test_ring_never_reads_a_file_that_replaced_the_mapped_one(tmp_path):
         assert torch.equal(out, torch.ones(64, 64))
     finally:
         ring.close()
+
+
+def test_plain_cuda_and_its_index_name_the_same_residents(fake_gpu, monkeypatch):
+    # on a GPU machine a run places on "cuda:N"; asking with plain "cuda" must find the same models
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    high, low = _experts()
+    _run(high, low)
+    assert resident_models("cuda") == resident_models("cuda:0") == [high, low]
+    release_all("cuda")
+    assert resident_models() == []

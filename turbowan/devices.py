@@ -16,6 +16,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def indexed(device) -> torch.device:
+    """``device`` with its index: plain "cuda" names the current CUDA device ("cuda:N"), so that one device has
+    one name wherever models are kept or looked up (anything else is returned as a torch.device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def pick_device(name: Optional[str]) -> torch.device:
     """The device a user named (``cuda``, ``cuda:1``, ``cpu``), checked to exist here; None: `default_device`."""
     if name is None:

@@ -34,7 +34,7 @@ from .memory import (ALLOCATOR_FACTOR, CONTEXT_SLACK_GB, GB, INT8_EXPERT_GB, PLA
                      needed_free_gb)
 from .options import RESOLUTIONS, TEXT_WIDTH
 from .checkpoint import ModelFile, ModelFileError, identify, read_dit_checkpoint, strip_prefixes
-from .devices import pick_device
+from .devices import indexed, pick_device
 from .model_files import MODEL_SLOTS, SLOTS_BY_KEY, expert_role_from_name, find_model_files
 from .models.tokenizer import TOKENIZER_NEIGHBOURS
 
@@ -441,8 +441,7 @@ def run_doctor(models_dir=None, device=None) -> int:
         dev = pick_device(device)
     else:
         dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = indexed(dev)
     cuda = dev if dev.type == "cuda" else None
     checks: list[Check] = []
 

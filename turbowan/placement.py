@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .devices import free_cuda_bytes
+from .devices import free_cuda_bytes, indexed
 from .memory import ALLOCATOR_FACTOR, FFN_CHUNK_TOKENS, activation_bytes, choose_mode
 from .staging import Upload, staging_ring
 
@@ -184,20 +184,20 @@ def release(*models) -> None:
 
 def release_all(device=None) -> None:
     """Take every model this process keeps on ``device`` (all devices when None) off it."""
-    device = torch.device(device) if device is not None else None
+    device = indexed(device) if device is not None else None
     release(*[e.model for e in _residents.values() if device is None or e.device == device])
 
 
 def resident_models(device=None) -> list:
     """The models kept on ``device`` (all devices when None), least recently used first."""
-    device = torch.device(device) if device is not None else None
+    device = indexed(device) if device is not None else None
     return [e.model for e in _residents.values() if device is None or e.device == device]
 
 
 def device_bytes(model, device) -> int:
     """Bytes of ``model``'s weights on ``device``: what residency keeps there, or all of them for a model that
     lives there (a CPU run computes in place)."""
-    device = torch.device(device)
+    device = indexed(device)
     entry = _residents.get(id(model))
     if entry is not None:
         return entry.nbytes if entry.device == device else 0
@@ -219,9 +219,7 @@ class Placement:
 
     def __init__(self, device: torch.device, before_load: Optional[Callable[[int, torch.device], None]] = None,
                  keep_loaded: bool = True):
-        if device.type == "cuda" and device.index is None and torch.cuda.is_available():  # "cuda" = "cuda:N"
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        self.device = indexed(device)
         self.before_load = before_load
         self.keep_loaded = keep_loaded
         self.used: set[int] = set()  # models this run needs: never evicted to make room

@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .devices import indexed
+
 SLOT_BYTES = 64 << 20
 SLOTS = 8
 
@@ -208,9 +210,7 @@ _rings_lock = threading.Lock()
 
 def staging_ring(device: torch.device) -> StagingRing:
     """The process's ring for ``device`` (created on first use; pins ``SLOTS x SLOT_BYTES`` once)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = indexed(device)
     with _rings_lock:
         ring = _rings.get(device)
         if ring is None:

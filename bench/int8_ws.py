@@ -1,0 +1,194 @@
+"""A warp-specialized W8A8 GEMM in Gluon (Triton 3.6's low-level dialect) against ours, bit for bit and in time.
+
+    python bench/int8_ws.py [--shape 75600 5120 13824]
+
+Why: `bench/int8_floors.py` measured our Triton W8A8 GEMM at 932 TOP/s where a plain int8 GEMM with the same tile
+reaches ~1150: the per-128-K-block promotion (int32 partial -> fp32, one fma per output element) runs in step
+with the tensor cores, because Triton keeps all warps of the CTA in phase. Here the CTA is split by role:
+  * one loader warp streams A [128, 128] and B [256, 128] int8 tiles by TMA into a ring of STAGES buffers;
+  * two consumer warpgroups each own 64 rows of the 128 x 256 output tile. Per K block and per 128-wide chunk a
+    consumer issues the int8 wgmma (zero-initialised int32 partial), waits for it, and folds it into its fp32
+    accumulator with the reference's fma. While one consumer converts, the other one's wgmma runs: the two drift
+    out of phase (they only meet at the loader's mbarriers), so the tensor cores stay fed.
+Numerics are those of `turbowan.kernels.int8_triton` (same K order, same fma, same output rounding), so the result
+must equal ours exactly; the script checks that before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+import common
+from turbowan.kernels.int8_triton import w8a8_gemm
+
+BM = gl.constexpr(128)
+BN = gl.constexpr(256)
+BK = gl.constexpr(128)
+CHUNK = gl.constexpr(128)  # output columns per wgmma: one 128-row weight tile, so one scale
+
+
+@gluon.jit
+def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, k_tiles, xs_ptr, ws_ptr, y_ptr, bias_ptr,
+            M, N, HAS_BIAS: gl.constexpr):
+    stages: gl.constexpr = a_bufs.type.shape[0]
+    for j in range(k_tiles):
+        s = j % stages
+        # a slot is free once both consumers arrived on its `empty` barrier (initially free: wait on phase 1)
+        mbarrier.wait(empty.index(s), ((j // stages) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [off_m, j * BK], ready.index(s), a_bufs.index(s))
+        tma.async_copy_global_to_shared(b_desc, [off_n, j * BK], ready.index(s), b_bufs.index(s))
+
+
+# Partition functions must share one signature and cannot take constexpr arguments that survive the fork, so the
+# two consumers are two thin functions over one body with the half as a literal.
+@gluon.jit
+def _consumer_top(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, k_tiles, xs_ptr, ws_ptr, y_ptr,
+                  bias_ptr, M, N, HAS_BIAS: gl.constexpr):
+    _consume(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, k_tiles, xs_ptr, ws_ptr, y_ptr, bias_ptr,
+             M, N, HAS_BIAS, 0)
+
+
+@gluon.jit
+def _consumer_bottom(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, k_tiles, xs_ptr, ws_ptr, y_ptr,
+                     bias_ptr, M, N, HAS_BIAS: gl.constexpr):
+    _consume(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, k_tiles, xs_ptr, ws_ptr, y_ptr, bias_ptr,
+             M, N, HAS_BIAS, 1)
+
+
+@gluon.jit
+def _consume(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, k_tiles, xs_ptr, ws_ptr, y_ptr, bias_ptr,
+              M, N, HAS_BIAS: gl.constexpr, HALF: gl.constexpr):
+    stages: gl.constexpr = a_bufs.type.shape[0]
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, CHUNK, 32])
+    acc0 = gl.zeros([64, CHUNK], gl.float32, layout)
+    acc1 = gl.zeros([64, CHUNK], gl.float32, layout)
+    w_tiles_n = gl.cdiv(N, 128)
+    ws_row0 = ws_ptr + gl.minimum(off_n // 128, w_tiles_n - 1) * k_tiles
+    ws_row1 = ws_ptr + gl.minimum(off_n // 128 + 1, w_tiles_n - 1) * k_tiles
+    xs_row = xs_ptr + (off_m // 128) * k_tiles
+    for j in range(k_tiles):
+        s = j % stages
+        mbarrier.wait(ready.index(s), (j // stages) & 1)
+        a = a_bufs.index(s).slice(HALF * 64, 64)  # [64, 128] int8: this consumer's rows
+        # use_acc=False: the wgmma starts from zero; the zeros passed are made here, where they are dead at once
+        # (a zero tensor kept across the loop would hold 64 registers)
+        b = b_bufs.index(s)  # [256, 128] int8, K-major
+        xs = gl.load(xs_row + j)
+        p = warpgroup_mma(a, b.slice(0, CHUNK).permute((1, 0)), gl.zeros([64, CHUNK], gl.int32, layout), use_acc=False, is_async=True)
+        p = warpgroup_mma_wait(0, deps=(p,))
+        acc0 = gl.fma(p.to(gl.float32), xs * gl.load(ws_row0 + j), acc0)
+        # keep the compiler from hoisting the next wgmma above this fma: two int32 partials in flight next to the
+        # 128-register accumulator would spill (a barrier of this warpgroup only; the other consumer runs on)
+        gl.thread_barrier()
+        p = warpgroup_mma(a, b.slice(CHUNK, CHUNK).permute((1, 0)), gl.zeros([64, CHUNK], gl.int32, layout),
+                          use_acc=False, is_async=True)
+        p = warpgroup_mma_wait(0, deps=(p,))
+        mbarrier.arrive(empty.index(s), count=1)  # both wgmmas of this slot are done: the loader may refill it
+        acc1 = gl.fma(p.to(gl.float32), xs * gl.load(ws_row1 + j), acc1)
+
+    rows = off_m + HALF * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    cols = off_n + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
+    _store(y_ptr, bias_ptr, acc0, rows, cols, M, N, HAS_BIAS)
+    _store(y_ptr, bias_ptr, acc1, rows, cols + CHUNK, M, N, HAS_BIAS)
+
+
+@gluon.jit
+def _store(y_ptr, bias_ptr, acc, rows, cols, M, N, HAS_BIAS: gl.constexpr):
+    out_ty: gl.constexpr = y_ptr.dtype.element_ty
+    y = acc.to(out_ty)  # round to the output dtype, then add the bias in it (as torch's bf16 + bf16)
+    if HAS_BIAS:
+        b = gl.load(bias_ptr + cols, mask=cols < N, other=0.0)
+        y = (y.to(gl.float32) + gl.expand_dims(b.to(gl.float32), 0)).to(out_ty)
+    r = gl.expand_dims(rows, 1)
+    c = gl.expand_dims(cols, 0)
+    gl.store(y_ptr + r.to(gl.int64) * N + c, y, mask=(r < M) & (c < N))
+
+
+@gluon.jit
+def _w8a8_ws_kernel(a_desc, b_desc, xs_ptr, ws_ptr, y_ptr, bias_ptr, M, N, k_tiles,
+                    HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    pid = gl.program_id(0)
+    num_m = gl.cdiv(M, BM)
+    num_n = gl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = gl.minimum(num_m - first_m, GROUP_M)
+    off_m = (first_m + (pid % per_group) % group_rows) * BM
+    off_n = ((pid % per_group) // group_rows) * BN
+
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+
+    args = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, k_tiles, xs_ptr, ws_ptr, y_ptr, bias_ptr,
+            M, N, HAS_BIAS)
+    gl.warp_specialize([
+        (_consumer_top, args),  # the default partition: the kernel's own 4 warps
+        (_consumer_bottom, args),
+        (_loader, args),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def w8a8_ws_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, stages=4, group_m=8, consumer_regs=232,
+                 maxnreg=168):
+    m, k = xq.shape
+    n = wq.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    a_layout = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.int8)
+    b_layout = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.int8)
+    a_desc = TensorDescriptor.from_tensor(xq, [BM, BK], a_layout)
+    b_desc = TensorDescriptor.from_tensor(wq, [BN, BK], b_layout)
+    grid = (triton.cdiv(m, BM) * triton.cdiv(n, BN),)
+    _w8a8_ws_kernel[grid](a_desc, b_desc, xs, ws, y, bias if bias is not None else y, m, n, k // BK,
+                          HAS_BIAS=bias is not None, STAGES=stages, GROUP_M=group_m, CONSUMER_REGS=consumer_regs,
+                          num_warps=4, maxnreg=maxnreg)
+    return y
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", nargs=3, type=int, default=[75600, 5120, 13824], metavar=("M", "K", "N"))
+    args = ap.parse_args()
+    m, k, n = args.shape
+    g = torch.Generator("cuda").manual_seed(0)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda", generator=g)
+    xs = torch.rand(triton.cdiv(m, 128), k // 128, device="cuda", generator=g) * 1e-2
+    ws = torch.rand(triton.cdiv(n, 128), k // 128, device="cuda", generator=g) * 1e-2
+    bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
+    ours = w8a8_gemm(xq, xs, wq, ws, bias, torch.bfloat16)
+    ops = 2 * m * n * k
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; M={m} K={k} N={n}")
+    print("| kernel | config | bit-exact vs ours | ms | TOP/s |")
+    print("|---|---|---|---|---|")
+    ms = common.median_ms(lambda: w8a8_gemm(xq, xs, wq, ws, bias, torch.bfloat16), reps=10, warmup=3)
+    print(f"| ours (Triton) | default | - | {ms:.2f} | {ops / ms / 1e9:.0f} |", flush=True)
+    for stages, group_m, regs in ((4, 8, 232), (3, 8, 232), (4, 16, 232), (4, 8, 240)):
+        cfg = f"stages {stages}, GROUP_M {group_m}, consumer regs {regs}"
+        try:
+            got = w8a8_ws_gemm(xq, xs, wq, ws, bias, stages=stages, group_m=group_m, consumer_regs=regs)
+            torch.cuda.synchronize()
+        except Exception as exc:  # report and go on: one config failing must not hide the others
+            print(f"| Gluon warp-specialized | {cfg} | failed: {type(exc).__name__}: {str(exc)[:200]} | | |", flush=True)
+            continue
+        diff = int((got != ours).sum())
+        ms = common.median_ms(lambda: w8a8_ws_gemm(xq, xs, wq, ws, bias, stages=stages, group_m=group_m,
+                                                   consumer_regs=regs), reps=10, warmup=3)
+        print(f"| Gluon warp-specialized | {cfg} | {'yes' if diff == 0 else f'NO: {diff} elements differ'} | "
+              f"{ms:.2f} | {ops / ms / 1e9:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -64,7 +64,9 @@ def _start(tiny, out: Path) -> subprocess.Popen:
     """A run long enough to be stopped in the middle (448x448, 33 frames)."""
     argv = _ranks_args(tiny, out, **{"--gpus": 2, "--width": 448, "--height": 448, "--frames": 33})
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{cli.RANKS_ON_CPU: "1"})
-    return subprocess.Popen([sys.executable, "-m", "turbowan"] + argv, env=env, stderr=subprocess.PIPE, text=True)
+    # SIGINT as in a terminal (a test runner's worker may ignore it, and an ignored signal stays so across exec)
+    return subprocess.Popen([sys.executable, "-m", "turbowan"] + argv, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc: subprocess.Popen, text: str) -> list[str]:

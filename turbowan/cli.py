@@ -427,11 +427,12 @@ def run_on_ranks(args, job: dict, context, progress: StageProgress) -> int:
 
 
 def _stop_ranks(context_mp) -> None:
-    """Interrupt every rank still running (each aborts its writer), and kill those that do not stop in time."""
+    """Stop every rank still running (SIGTERM: each aborts its writer, also where SIGINT is ignored, as under
+    nohup), and kill those that do not stop in time."""
     alive = [p for p in context_mp.processes if p.is_alive()]
     for process in alive:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGINT)
+            os.kill(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + RANK_STOP_GRACE_S
     for process in alive:
         process.join(max(0.0, deadline - time.monotonic()))

@@ -543,3 +543,56 @@ def test_original_node_inputs_alone_run(comfy_env, image, monkeypatch):
     assert frames.shape[0] == 5
     assert high.execution_mode == "auto" and seen["adaptive_resolution"] is False
     assert seen["width"] is None and seen["height"] is None
+
+
+# -- an expert per card (the model loader's device input) --------------------------------------------------
+
+
+def test_model_loader_device_input_is_optional_and_lists_ComfyUIs_device_the_cpu_and_each_card(monkeypatch):
+    optional = nodes.TurboWanModelLoader.INPUT_TYPES()["optional"]
+    assert "device" not in nodes.TurboWanModelLoader.INPUT_TYPES()["required"]
+    assert optional["device"][0][:2] == ["default", "cpu"] and optional["device"][1]["default"] == "default"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert nodes.device_choices() == ["default", "cpu", "cuda:0", "cuda:1"]
+
+
+def test_a_card_that_is_not_there_is_refused_in_one_sentence(comfy_env):
+    with pytest.raises(nodes.TurboWanError, match="cuda:7"):
+        nodes.TurboWanModelLoader().load(HIGH, "original", 0.1, "auto", "auto", "cuda:7")
+
+
+def test_experts_on_two_cards_stay_there_and_are_registered_with_comfyui_on_each(comfy_gpu, image, monkeypatch):
+    seen = {}
+
+    def per_card_placement(high, low, vae, image, text, *, device, before_load, keep_loaded, expert_devices, **_):
+        """generate_i2v reduced to its placement of an expert per card (the simulated cards cannot compute)."""
+        seen.update(expert_devices)
+        places = {name: Placement(expert_devices[name], before_load, keep_loaded=keep_loaded) for name in expert_devices}
+        try:
+            for name, expert in (("high", high), ("low", low)):
+                places[name].load_expert(expert, places[name].resolve_mode(expert, None, tokens=100))
+        finally:
+            for place in places.values():
+                place.finish(True)
+        return torch.zeros(1, 5, 32, 32, 3)
+
+    monkeypatch.setattr(nodes, "generate_i2v", per_card_placement)
+    loader = nodes.TurboWanModelLoader()
+    with monkeypatch.context() as two_cards:  # for the loader's check that the card exists
+        two_cards.setattr(torch.cuda, "is_available", lambda: True)
+        two_cards.setattr(torch.cuda, "device_count", lambda: 2)
+        (high,) = loader.load(HIGH, "original", 0.1, "auto", "auto", "cuda:0")
+        (low,) = loader.load(LOW, "original", 0.1, "auto", "auto", "cuda:1")
+    (vae,) = nodes.TurboWanVAELoader().load(VAE)
+    run_sampler(high, low, vae, image)
+    cards = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert seen == {"high": cards[0], "low": cards[1]}
+    assert placement.resident_models(cards[0]) == [high] and placement.resident_models(cards[1]) == [low]
+    assert {e.model.model: e.device for e in mm.current_loaded_models} == {high: cards[0], low: cards[1]}
+    mm.free_memory(1 << 60, cards[1])  # ComfyUI making room on the second card unloads the expert there
+    assert placement.resident_models() == [high] and ours() == [high]
+    mm.free_memory(1 << 60, cards[0])
+    assert placement.resident_models() == [] and ours() == []
+    (again,) = loader.load(HIGH, "original", 0.1, "auto", "auto")  # the option back at its default
+    assert again is high and high.run_device is None

@@ -153,3 +153,24 @@ def test_num_samples_share_one_noise_batch(monkeypatch):
     one = turbowan.generate_i2v(high, low, vae, _image(), ref["crossattn_emb_prefix"], num_frames=5, width=64,
                                 height=48, seed=3, ode=True, device="cpu")
     assert torch.equal(one[0], two[1])  # bitwise, measured on the CPU
+
+
+def test_an_expert_on_a_device_of_its_own_gives_the_same_frames():
+    """expert_devices with a second CPU 'device' (cpu:0 is a placement of its own): the per-card path (a
+    placement and a mode per expert, the sampler following the expert) gives the one-device frames."""
+    import turbowan
+    from helpers import fixtures_dir
+    from PIL import Image
+
+    f = fixtures_dir()
+    high, low = (turbowan.load_dit(f / "dit" / f"TurboWan2.2-I2V-tiny-{n}.pth", attention="original",
+                                   dtype=torch.float32) for n in ("high", "low"))
+    vae = turbowan.load_vae(f / "vae" / "Wan2.1_VAE-tiny.pth", device="cpu", dtype=torch.float32)
+    text = torch.randn(1, 10, 4096, generator=torch.Generator().manual_seed(0))
+    run = dict(num_frames=5, width=32, height=32, seed=1, device="cpu")
+    image = Image.open(f / "pipeline" / "input_image.png")
+    one = turbowan.generate_i2v(high, low, vae, image, text, **run)
+    two = turbowan.generate_i2v(high, low, vae, image, text, expert_devices={"low": torch.device("cpu", 0)}, **run)
+    assert torch.equal(one, two)
+    with pytest.raises(ValueError, match="expert_devices takes the keys 'high' and 'low'"):
+        turbowan.generate_i2v(high, low, vae, image, text, expert_devices={"middle": "cpu"}, **run)

@@ -137,3 +137,19 @@ def test_tight_memory_keeps_the_ffn_chunked(monkeypatch):
     high.execution_mode = "stream"
     _fake_free_memory(monkeypatch, 1 << 40)
     assert place.resolve_mode(high, high, tokens=75600) == "stream" and place.ffn_chunk == FFN_CHUNK_TOKENS
+
+
+def test_each_sequence_parallel_rank_counts_only_its_share_of_the_activations(monkeypatch):
+    from turbowan.placement import FFN_CHUNK_TOKENS, activation_bytes
+
+    high = random_dit(TINY, attention="original")
+    tokens = 75600
+    one_rank = activation_bytes(tokens, TINY.dim, TINY.ffn_dim, FFN_CHUNK_TOKENS)
+    two_ranks = activation_bytes(tokens, TINY.dim, TINY.ffn_dim, FFN_CHUNK_TOKENS, ranks=2)
+    assert two_ranks == activation_bytes(tokens // 2, TINY.dim, TINY.ffn_dim, FFN_CHUNK_TOKENS)
+    # room for one expert and half the activations: a whole-sequence run streams, a rank of two holds the expert
+    _fake_free_memory(monkeypatch, int(1.1 * (tensor_bytes(high) + two_ranks)) + (1 << 20))
+    place = Placement(torch.device("cuda"))
+    assert one_rank > two_ranks
+    assert place.resolve_mode(high, high, tokens=tokens) == "stream"
+    assert place.resolve_mode(high, high, tokens=tokens, ranks=2) == "swap"

@@ -252,7 +252,8 @@ def test_tile_blending_reassembles_a_local_function(vae_fp32):
     def fn(region):
         return torch.tanh(region[:, :3]).repeat_interleave(8, dim=-2).repeat_interleave(8, dim=-1)
 
-    tiled = _tiled(fn, x, grid=(13, 29), tile=(6, 10), in_scale=1, out_scale=8)
+    tiled = _tiled(fn, x, grid=(13, 29), tile=(6, 10), in_scale=1, out_scale=8, out_lead=(1, 3, 2),
+                   out_dtype=torch.float32)
     assert max_abs(tiled, fn(x)) < 1e-6
 
 

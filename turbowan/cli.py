@@ -204,18 +204,26 @@ def _text_encoder_device(compute, encoder_path: Path):
 
 
 def cmd_generate(args, progress: StageProgress) -> int:
-    import torch
+    job = prepare_generate(args)
+    context = encode_prompt(args, job, progress)
+    if job["ranks"] > 1:
+        return run_on_ranks(args, job, context, progress)
+    return run_generate(args, job, context, job["device"], progress)
 
-    import turbowan
+
+def prepare_generate(args) -> dict:
+    """Step 1: everything that can be refused without loading a model; the run's files, sizes and outputs."""
     from .devices import check_gpu_count, pick_device, set_cpu_threads, warm_up_in_background
     from .pipeline import check_cpu_memory, check_run_options, open_image, target_size
 
-    # 1. everything that can be refused without loading a model
+    ranks = 1 if args.gpus is None else args.gpus
+    ranks_on_cpu = os.environ.get(RANKS_ON_CPU) == "1"
     if args.gpus is not None:
-        check_gpu_count(args.gpus)
-        if args.gpus > 1:  # the sequence-parallel pipeline is there (generate_i2v(sequence_parallel=True))
-            raise ValueError(f"--gpus {args.gpus}: starting one process per GPU is not built yet; run the Python "
-                             "API under torchrun with generate_i2v(..., sequence_parallel=True)")
+        if args.gpus < 1 or not ranks_on_cpu:
+            check_gpu_count(args.gpus)
+        if args.gpus > 1 and args.device is not None:
+            raise ValueError(f"--gpus {args.gpus} runs one process on each of cuda:0 to cuda:{args.gpus - 1}; leave "
+                             "--device out (CUDA_VISIBLE_DEVICES picks the cards)")
     t2v = args.image is None  # no first frame: text-to-video with a TurboWan2.1-T2V model
     if t2v:
         for given, option in ((args.ode, "--ode"), (args.adaptive, "--adaptive"), (args.boundary is not None,
@@ -250,7 +258,10 @@ def cmd_generate(args, progress: StageProgress) -> int:
     outputs = output_paths(args.output, args.samples)
     loras = {"high": lora_options(args.lora + args.lora_high), "low": lora_options(args.lora + args.lora_low),
              "t2v": lora_options(args.lora)}
-    device = pick_device(args.device)
+    slots = ("t2v",) if t2v else ("high", "low")
+    if ranks > 1:
+        check_heads_split(files, slots, ranks)
+    device = pick_device("cpu" if ranks_on_cpu else args.device)
     if device.type == "cpu":
         from .checkpoint import DiTConfig
 
@@ -258,8 +269,27 @@ def cmd_generate(args, progress: StageProgress) -> int:
         check_cpu_memory(DiTConfig(), args.frames, width, height, args.samples)
         set_cpu_threads()
     warm_up_in_background(device)  # CUDA context and Triton import, while the files are read
+    return dict(ranks=ranks, t2v=t2v, files=files, image=image, width=width, height=height, outputs=outputs,
+                loras=loras, slots=slots, device=device)
 
-    # 2. text embedding (first, so the text encoder is gone before the experts arrive)
+
+def check_heads_split(files: dict, slots, ranks: int) -> None:
+    """--gpus N: refuse, before starting any process, models whose attention heads do not split over N ranks."""
+    from .checkpoint import read_dit_checkpoint
+    from .ops.sequence_parallel import check_world_size
+
+    for slot in slots:
+        heads = read_dit_checkpoint(files[slot]).config.num_heads  # memory-mapped: reads the header only
+        try:
+            check_world_size(heads, ranks)
+        except ValueError as exc:
+            raise ValueError(f"--gpus {ranks}: {exc}") from None
+
+
+def encode_prompt(args, job: dict, progress: StageProgress):
+    """Step 2: the text embedding (first, so the text encoder is gone before the experts arrive)."""
+    import torch
+
     progress.restart_clock()
     progress.begin("text", 1)
     if args.text_embedding:
@@ -267,10 +297,24 @@ def cmd_generate(args, progress: StageProgress) -> int:
     else:
         from .text_cache import cached_text_embedding  # encodes once per prompt and encoder file
 
-        context = cached_text_embedding(files["text_encoder"], args.prompt, tokenizer=args.tokenizer,
-                                        device=_text_encoder_device(device, files["text_encoder"]))
+        context = cached_text_embedding(job["files"]["text_encoder"], args.prompt, tokenizer=args.tokenizer,
+                                        device=_text_encoder_device(job["device"], job["files"]["text_encoder"]))
     progress("text", 1, 1)
+    if job["ranks"] > 1 and job["device"].type == "cuda":
+        torch.cuda.empty_cache()  # the ranks' processes need the card, not this one
+    return context.cpu()
 
+
+def run_generate(args, job: dict, context, device, progress: StageProgress, rank: int = 0, ranks: int = 1,
+                 partial_list: Optional[Path] = None) -> int:
+    """Steps 3 and 4: load the models, run the job, write the videos (rank 0 alone writes; every rank of a
+    sequence-parallel run computes). ``partial_list``: where rank 0 notes its temporary video files, so that the
+    process that started the ranks can remove them if this one is killed."""
+    import torch
+
+    import turbowan
+
+    files, slots, outputs = job["files"], job["slots"], job["outputs"]
     # 3. models (kept on the CPU; the pipeline places them on the GPU per the execution mode). bf16 on the GPU
     # as the reference; float32 on a CPU, where bf16 convolutions and matmuls are slower, not faster.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -278,10 +322,9 @@ def cmd_generate(args, progress: StageProgress) -> int:
     if getattr(args, "mode", None) is not None:
         load_kwargs["mode"] = args.mode
     experts = {}
-    slots = ("t2v",) if t2v else ("high", "low")
     for i, slot in enumerate(slots):
         experts[slot] = turbowan.load_dit(files[slot], **load_kwargs)
-        for path, strength in loras[slot]:
+        for path, strength in job["loras"][slot]:
             experts[slot] = turbowan.apply_lora(experts[slot], path, strength)
         progress("load", i + 1, len(slots) + 1)
     high = experts[slots[0]]
@@ -296,17 +339,22 @@ def cmd_generate(args, progress: StageProgress) -> int:
     # temporary name and renamed into place when complete
     from .video import VideoWriter
 
-    writers = [VideoWriter(path, fps=args.fps, quality=args.quality) for path in outputs]
-    job = dict(num_frames=args.frames, num_steps=args.steps, resolution=args.resolution,
+    writers = [VideoWriter(path, fps=args.fps, quality=args.quality) for path in outputs] if rank == 0 else []
+    if partial_list is not None and writers:
+        partial_list.write_text("".join(f"{w.temporary_path}\n" for w in writers))
+    run = dict(num_frames=args.frames, num_steps=args.steps, resolution=args.resolution,
                aspect_ratio=args.aspect_ratio, width=args.width, height=args.height, sigma_max=args.sigma_max,
-               seed=args.seed, num_samples=args.samples, progress=progress, device=device,
-               on_frames=lambda i, start, chunk: writers[i].write(chunk), return_frames=False)
+               seed=args.seed, num_samples=args.samples, progress=progress, device=device, return_frames=False,
+               on_frames=(lambda i, start, chunk: writers[i].write(chunk)) if writers else None)
+    if ranks > 1:
+        run["sequence_parallel"] = True
     try:
-        if t2v:
-            frames = turbowan.generate_t2v(high, vae, context, **job)
+        if job["t2v"]:
+            frames = turbowan.generate_t2v(high, vae, context, **run)
         else:
-            frames = turbowan.generate_i2v(high, experts["low"], vae, image, context, adaptive_resolution=args.adaptive,
-                                           boundary=args.boundary, ode=args.ode, **job)
+            frames = turbowan.generate_i2v(high, experts["low"], vae, job["image"], context,
+                                           adaptive_resolution=args.adaptive, boundary=args.boundary, ode=args.ode,
+                                           **run)
         for i, (writer, path) in enumerate(zip(writers, outputs)):
             if writer.frames_written == 0 and frames is not None:  # a pipeline that hands out no chunks
                 writer.write(frames[i])
@@ -318,16 +366,135 @@ def cmd_generate(args, progress: StageProgress) -> int:
             writer.abort()  # nothing once closed: finished videos are kept
         raise
     progress.close()
+    if rank:
+        return EXIT_OK
 
     peak = ""
     if device.type == "cuda":
         peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB allocated / "
                 f"{torch.cuda.max_memory_reserved(device) / 1e9:.1f} GB reserved")
+        if ranks > 1:
+            peak += " on cuda:0"
     names = ", ".join(str(p) for p in outputs)
-    n, w, h = args.frames, width, height
+    n, w, h = args.frames, job["width"], job["height"]
     int8 = f", int8 {high.quant}" if high.quant else ""
-    print(f"wrote {names} ({n} frames, {w}x{h}, {args.fps:g} fps) on {device}{int8} in {progress.summary()}{peak}")
+    where = f"{ranks} {device.type} ranks" if ranks > 1 else str(device)
+    print(f"wrote {names} ({n} frames, {w}x{h}, {args.fps:g} fps) on {where}{int8} in {progress.summary()}{peak}",
+          flush=True)
     return EXIT_OK
+
+
+# -- several GPUs: one process per rank ---------------------------------------------------------------------
+
+RANKS_ON_CPU = "TURBOWAN_RANKS_ON_CPU"  # "1": --gpus N runs its N ranks on the CPU over gloo (tests, no GPU)
+RANK_STOP_GRACE_S = 10.0  # after one rank ends badly, how long the others get to stop before they are killed
+
+
+def run_on_ranks(args, job: dict, context, progress: StageProgress) -> int:
+    """--gpus N: start N processes (one per card, NCCL; gloo on the CPU under TURBOWAN_RANKS_ON_CPU=1) that run
+    the job sequence-parallel; rank 0 shows the progress and writes the videos. A rank that fails or is stopped
+    ends them all; its exit status is this command's, and no partial video file is left."""
+    import shutil
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    progress.close()
+    ranks = job["ranks"]
+    run_dir = Path(tempfile.mkdtemp(prefix="turbowan-ranks-"))
+    context_mp = mp.start_processes(_rank_main, args=(ranks, str(run_dir), args, job, context), nprocs=ranks,
+                                    join=False, start_method="spawn")
+    try:
+        try:
+            while not context_mp.join(timeout=0.5, grace_period=RANK_STOP_GRACE_S):
+                pass
+            return EXIT_OK
+        except mp.ProcessExitedException as exc:
+            code = exc.exit_code if exc.exit_code >= 0 else 128 - exc.exit_code  # killed by a signal
+            message = _rank_message(run_dir, ranks)
+            if code == EXIT_USAGE and message:
+                raise ValueError(message) from None  # printed as this command's one-line error
+            if message:
+                print(f"error: {message}", file=sys.stderr)
+            return code
+        except BaseException:  # Ctrl-C / SIGTERM here, or a rank's traceback (ProcessRaisedException)
+            _stop_ranks(context_mp)
+            raise
+    finally:
+        for line in (run_dir / "partial").read_text().split() if (run_dir / "partial").exists() else []:
+            Path(line).unlink(missing_ok=True)  # a rank killed before it could abort its writer
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _stop_ranks(context_mp) -> None:
+    """Stop every rank still running (SIGTERM: each aborts its writer, also where SIGINT is ignored, as under
+    nohup), and kill those that do not stop in time."""
+    alive = [p for p in context_mp.processes if p.is_alive()]
+    for process in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + RANK_STOP_GRACE_S
+    for process in alive:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _rank_message(run_dir: Path, ranks: int) -> str:
+    """The first rank's one-line error message (a rank writes one when it refuses or stops)."""
+    for rank in range(ranks):
+        path = run_dir / f"rank{rank}.message"
+        if path.exists():
+            return path.read_text().strip()
+    return ""
+
+
+def _rank_main(rank: int, ranks: int, run_dir: str, args, job: dict, context) -> None:
+    """One rank of `run_on_ranks` (a spawned process): its device, the process group, the job; exits with the
+    command's exit code."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from .devices import set_cpu_threads
+
+    run_dir = Path(run_dir)
+    on_cpu = os.environ.get(RANKS_ON_CPU) == "1"
+    if on_cpu:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores
+            from .devices import cpu_count_available
+
+            torch.set_num_threads(max(1, cpu_count_available() // ranks))
+        else:
+            set_cpu_threads()
+    else:
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    progress = StageProgress(enabled=None if rank == 0 else False)
+    code = EXIT_OK
+    try:
+        with _stop_signals_as_interrupts(), _library_notices(args.verbose and rank == 0):
+            dist.init_process_group("gloo" if on_cpu else "nccl", init_method=f"file://{run_dir / 'store'}",
+                                    rank=rank, world_size=ranks, timeout=datetime.timedelta(minutes=10),
+                                    **({} if on_cpu else {"device_id": device}))
+            try:
+                code = run_generate(args, job, context, device, progress, rank=rank, ranks=ranks,
+                                    partial_list=run_dir / "partial" if rank == 0 else None)
+            finally:
+                dist.destroy_process_group()
+    except KeyboardInterrupt as exc:
+        progress.close()
+        code = 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    except Exception as exc:
+        progress.close()
+        if not _is_user_error(exc):
+            raise  # the traceback reaches the starting process
+        (run_dir / f"rank{rank}.message").write_text(" ".join(str(exc).split()))
+        code = EXIT_USAGE
+    sys.exit(code)
 
 
 # -- parser and entry point -------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Node names, inputs and widget order follow the seed workflow (widget values are positional in saved
 workflows, so new inputs only ever go last):
 
-* TurboWanModelLoader       model_name, attention_type, sla_topk, execution_mode -> MODEL (one expert)
+* TurboWanModelLoader       model_name, attention_type, sla_topk, execution_mode, int8_compute, device -> MODEL
 * TurboWanVAELoader         vae_name -> VAE (ours; the stock VAELoader's Wan2.1 VAE works in the sampler too)
 * TurboDiffusionI2VSampler  experts, CONDITIONING, VAE, IMAGE + the seed's widgets -> frames, last_frame
 * TurboDiffusionSaveVideo   frames -> mp4 / webm / gif in ComfyUI's output folder, shown in the node
@@ -43,6 +43,7 @@ import folder_paths
 
 from . import placement
 from .checkpoint import file_identity
+from .devices import check_device
 from .lora import apply_lora
 from .models.dit import WanI2VDiT, load_dit
 from .models.vae import WanVAE, load_vae, vae_from_state_dict
@@ -112,6 +113,15 @@ def _identity_or_empty(folder: str, name: str):
 
 # -- loaders -----------------------------------------------------------------------------------------------
 
+DEFAULT_DEVICE = "default"  # the model loader's device input: ComfyUI's device
+
+
+def device_choices() -> list[str]:
+    """The model loader's device input: ComfyUI's device, the CPU, and every CUDA card torch sees."""
+    cards = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [DEFAULT_DEVICE, "cpu"] + [f"cuda:{i}" for i in range(cards)]
+
+
 class TurboWanModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
@@ -146,6 +156,12 @@ class TurboWanModelLoader:
                                "w8a8: int8 activations too, the reference's numerics; about 1.3x faster linear "
                                "layers on H100/H200 with Triton (falls back to an exact but slow emulation "
                                "without it). A bf16 file with w8a8 is quantized at load."}),
+                "device": (device_choices(), {
+                    "default": DEFAULT_DEVICE,
+                    "tooltip": "Where this model runs: default is ComfyUI's device. With two cards, put the "
+                               "high-noise expert on cuda:0 and the low-noise one on cuda:1: each stays on its card "
+                               "(no swapping) and the latents move across at the switch; the VAE runs on ComfyUI's "
+                               "device."}),
             }
         }
 
@@ -159,15 +175,21 @@ class TurboWanModelLoader:
     def IS_CHANGED(cls, model_name, **_):
         return _identity_or_empty("diffusion_models", model_name)
 
-    def load(self, model_name, attention_type="sla", sla_topk=0.1, execution_mode="auto", int8_compute="auto"):
+    def load(self, model_name, attention_type="sla", sla_topk=0.1, execution_mode="auto", int8_compute="auto",
+             device=DEFAULT_DEVICE):
         if execution_mode not in EXECUTION_MODES:
             raise TurboWanError(f"execution_mode must be one of {EXECUTION_MODES}, got {execution_mode!r}")
+        try:
+            run_device = None if device == DEFAULT_DEVICE else check_device(device, option="device")
+        except ValueError as exc:
+            raise TurboWanError(str(exc)) from None
         dtype = model_dtype()
         options = (attention_type, float(sla_topk), dtype, int8_compute)
         model = _cached_load(_experts, "diffusion_models", model_name, options, lambda path: load_dit(
             path, attention=attention_type, sla_topk=sla_topk, quant=int8_compute, device="cpu", dtype=dtype,
             mode=execution_mode))
         model.execution_mode = execution_mode  # read by the pipeline at run time: switching it needs no reload
+        model.run_device = run_device  # read by the samplers (None: ComfyUI's device); no reload either
         return (model,)
 
 
@@ -381,8 +403,8 @@ def _our_entries():
     return [e for e in mm.current_loaded_models if isinstance(e.model, TurboWanPatcher)]
 
 
-def sync_loaded_models(models, device) -> None:
-    """After a run, make ComfyUI's loaded models list ours exactly as placement left them on ``device``.
+def sync_loaded_models(models, devices) -> None:
+    """After a run, make ComfyUI's loaded models list ours exactly as placement left them on ``devices``.
 
     Not through ``load_models_gpu``: it would first free its inference reserve, which can evict the experts this
     run just left resident. An entry is made as load_models_gpu makes it (`LoadedModel.model_load`)."""
@@ -391,15 +413,16 @@ def sync_loaded_models(models, device) -> None:
             entry.model_unload()
             mm.current_loaded_models.remove(entry)
     for model in models:
-        if placement.device_bytes(model, device) == 0:
-            continue
-        entry = mm.LoadedModel(patcher_of(model, device))
-        if entry in mm.current_loaded_models:
-            entry = mm.current_loaded_models.pop(mm.current_loaded_models.index(entry))
-            entry.currently_used = True
-        else:
-            entry.model_load()
-        mm.current_loaded_models.insert(0, entry)  # most recently used first, as ComfyUI keeps the list
+        for device in devices:
+            if placement.device_bytes(model, device) == 0:
+                continue
+            entry = mm.LoadedModel(patcher_of(model, device))
+            if entry in mm.current_loaded_models:
+                entry = mm.current_loaded_models.pop(mm.current_loaded_models.index(entry))
+                entry.currently_used = True
+            else:
+                entry.model_load()
+            mm.current_loaded_models.insert(0, entry)  # most recently used first, as ComfyUI keeps the list
 
 
 def make_before_load(working_bytes: int, models=()):
@@ -418,12 +441,19 @@ def make_before_load(working_bytes: int, models=()):
     return before_load
 
 
-def run_sampler(models, num_frames: int, num_steps: int, run, encodes: bool, size):
+def run_device_of(model):
+    """The device the model loader's ``device`` input chose for ``model``; None: ComfyUI's."""
+    return getattr(model, "run_device", None)
+
+
+def run_sampler(models, num_frames: int, num_steps: int, run, encodes: bool, size, device=None):
     """One pipeline run inside ComfyUI: its progress bar (and Cancel), memory freed for the models' weights and
     activations, what stays on the GPU registered with ComfyUI (also after a failure or Cancel, which release the
     models), and bad inputs (4n+1, conditioning width, the wrong kind of model, ...) as one sentence.
-    ``size()`` -> the output (width, height); ``run(progress, device, before_load)`` -> frames."""
-    device = mm.get_torch_device()
+    ``size()`` -> the output (width, height); ``run(progress, device, before_load)`` -> frames. ``device``: the
+    run's device (default ComfyUI's); a model whose loader chose another card is registered there."""
+    device = device or mm.get_torch_device()
+    devices = [device] + [d for d in {run_device_of(m) for m in models} - {None, device}]
     try:
         w, h = size()
         config = models[0].config
@@ -435,7 +465,7 @@ def run_sampler(models, num_frames: int, num_steps: int, run, encodes: bool, siz
     except ValueError as exc:
         raise TurboWanError(str(exc)) from None
     finally:
-        sync_loaded_models(models, device)
+        sync_loaded_models(models, devices)
         mm.soft_empty_cache()
 
 
@@ -520,6 +550,8 @@ class TurboDiffusionI2VSampler:
                 f"the image input is a batch of {image.shape[0]} images; connect one (e.g. through ImageFromBatch)")
 
         size = _explicit_size(width, height)
+        expert_devices = {name: run_device_of(m) for name, m in (("high", high_noise_model), ("low", low_noise_model))
+                          if run_device_of(m) is not None}
 
         def run(progress, device, before_load):
             return generate_i2v(
@@ -529,6 +561,7 @@ class TurboDiffusionI2VSampler:
                 ode=use_ode, progress=progress, device=device, before_load=before_load,
                 one_expert_at_a_time=True,  # 'auto' never parks both experts on a GPU ComfyUI shares
                 keep_loaded=True,  # what stays is registered afterwards, so ComfyUI can unload it when it needs room
+                expert_devices=expert_devices or None,  # the loaders' device inputs: an expert per card
             )
 
         frames = run_sampler(
@@ -586,7 +619,8 @@ class TurboDiffusionT2VSampler:
                                 keep_loaded=True)
 
         frames = run_sampler((model, wan_vae), num_frames, num_steps, run, encodes=False,
-                             size=lambda: target_size((0, 0), resolution, aspect_ratio, False, **size))
+                             size=lambda: target_size((0, 0), resolution, aspect_ratio, False, **size),
+                             device=run_device_of(model))  # one model: the whole run on its loader's device
         return (frames[0],)
 
 

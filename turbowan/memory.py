@@ -23,8 +23,13 @@ FFN_CHUNK_TOKENS = 16384  # tokens per FFN pass when memory is tight (bounds its
 # -- at run time (bytes) ------------------------------------------------------------------------------------------
 
 
-def activation_bytes(tokens: int, dim: int, ffn_dim: int, ffn_chunk: Optional[int]) -> int:
-    """Rough peak of one block's activations in bf16 (residual, normed input, q/k/v, fp32 temporaries, FFN)."""
+def activation_bytes(tokens: int, dim: int, ffn_dim: int, ffn_chunk: Optional[int], ranks: int = 1) -> int:
+    """Rough peak of one block's activations in bf16 (residual, normed input, q/k/v, fp32 temporaries, FFN).
+
+    ``ranks``: sequence parallelism over that many ranks, each holding ``ceil(tokens / ranks)`` tokens. Its
+    self-attention sees every token but only ``heads / ranks`` of the heads, the same number of values, so a
+    rank's share is the whole estimate at its token count (the all-to-all buffers are among the temporaries)."""
+    tokens = -(-tokens // ranks)
     width = 2 * tokens * dim  # one bf16 [L, dim] tensor
     ffn_rows = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
     return 10 * width + 2 * 2 * ffn_rows * ffn_dim

@@ -37,7 +37,7 @@ from .options import ASPECT_RATIOS, RESOLUTIONS, SIZE_MULTIPLE, TEXT_LEN, TEXT_W
 from .placement import Placement
 from .progress import ProgressHook
 from .sampler import expert_schedule, finite_flag, initial_noise, rcm_timesteps, require_finite, sample_rcm
-from .vae_tiling import tile_for_run
+from .vae_tiling import tile_for_ranks, tile_for_run
 
 log = logging.getLogger("turbowan")
 
@@ -255,6 +255,8 @@ def generate_i2v(
     on_frames: Optional[Callable[[int, int, torch.Tensor], None]] = None,
     return_frames: bool = True,
     sequence_parallel: bool = False,
+    split_vae: bool = True,
+    expert_devices: Optional[dict] = None,
 ) -> Optional[torch.Tensor]:
     """Generate ``num_samples`` videos from one image and one prompt embedding.
 
@@ -274,8 +276,14 @@ def generate_i2v(
     ``sequence_parallel=True``: call on every rank of an initialised default `torch.distributed` process group
     with the same arguments (on GPUs, ``device`` is each rank's own card); the experts split the tokens over the
     ranks (Ulysses) and every rank returns the same frames, equal to a one-process run's (the noise is drawn
-    once from the seeded CPU generator, so the result does not depend on the rank count). The VAE still runs
-    whole on every rank: its encode and decode are a small share of the job next to the 4 expert steps.
+    once from the seeded CPU generator, so the result does not depend on the rank count). Each rank's
+    execution mode counts its own device and its share of the activations. ``split_vae`` (with
+    ``sequence_parallel``): the VAE encode and decode are cut into one overlapping spatial tile per rank, blended
+    as the memory tiling blends (`turbowan.vae_tiling.tile_for_ranks`), so they take about 1/W of the time; the
+    seams make them differ slightly from a whole-frame decode. False: every rank codes the whole frame.
+    ``expert_devices``: {"high": device, "low": device}, an expert on a card of its own (e.g. cuda:0 and cuda:1;
+    missing keys: ``device``). Each card keeps its expert (resident where it fits; no swapping between them) and
+    the latents follow the expert at the switch; the VAE runs on ``device``.
     """
     # everything that can be refused is refused here, before any VAE or DiT work
     check_run_options(num_frames, num_steps, seed, sigma_max, boundary, num_samples)
@@ -286,6 +294,8 @@ def generate_i2v(
     if low.dtype != dtype:
         raise ValueError(f"the two experts were loaded with different dtypes ({high.dtype} and {low.dtype})")
     group = _sequence_group(high, low) if sequence_parallel else None
+    device = _card(device)
+    devices = _expert_devices(expert_devices, device)
 
     img, is_uint8 = image_to_tensor(image)
     w, h = target_size((img.shape[-1], img.shape[-2]), resolution, aspect_ratio, adaptive_resolution, width, height)
@@ -294,24 +304,36 @@ def generate_i2v(
     image_tensor = resize_image_tensor(img, is_uint8, w, h)  # [1, 3, h, w]
     log.info("turbowan: %dx%d, %d frames, %d steps, seed %d", w, h, num_frames, num_steps, seed)
 
-    place = Placement(device, before_load, keep_loaded=keep_loaded)
-    lat_h, lat_w = h // 8, w // 8  # VAE latents
-    mode = place.resolve_mode(high, low, tokens=num_samples * latent_tokens(num_frames, w, h),
-                              allow_resident=not one_expert_at_a_time)
     experts = {"high": high, "low": low}
+    places = {d: Placement(d, before_load, keep_loaded=keep_loaded) for d in {device, *devices.values()}}
+    place = places[device]  # the VAE's
+    lat_h, lat_w = h // 8, w // 8  # VAE latents
+    tokens = num_samples * latent_tokens(num_frames, w, h)
+    ranks = 1 if group is None else dist_world_size(group)
+    if set(devices.values()) == {device}:
+        mode = place.resolve_mode(high, low, tokens=tokens, allow_resident=not one_expert_at_a_time, ranks=ranks)
+        modes = {"high": mode, "low": mode}
+    else:  # a card per expert: each card's mode is that of a one-model run
+        modes = {name: places[devices[name]].resolve_mode(experts[name], None, tokens=tokens, ranks=ranks)
+                 for name in experts}
+        mode = next((modes[n] for n in experts if devices[n] == device), "resident")  # for the VAE's memory
+    vae_group = group if split_vae else None
     ok = False
     try:
         # Start copying the experts in now: the copies run in the background while the VAE encodes.
         first = expert_schedule(rcm_timesteps(num_steps, sigma_max), boundary)[0]
-        for name in (("high", "low") if mode == "resident" else (first,)):
-            place.start_expert(experts[name], mode)
+        for name in experts:
+            if name == first or modes[name] == "resident":
+                places[devices[name]].start_expert(experts[name], modes[name])
 
         # 1. image latents
         place.load_vae(vae)
         frames_in = torch.zeros(1, 3, num_frames, h, w, device=device)  # the image, then black frames
         frames_in[:, :, 0] = image_tensor.to(device)
         tile = tile_for_run(vae, "encode", (lat_h, lat_w), mode, device, num_frames)
-        latents = vae.encode(frames_in, progress=progress, tile=tile)  # [1, 16, T, h/8, w/8]
+        if vae_group is not None:
+            tile = tile_for_ranks((lat_h, lat_w), ranks, tile)
+        latents = vae.encode(frames_in, progress=progress, tile=tile, group=vae_group)  # [1, 16, T, h/8, w/8]
         require_finite(finite_flag(latents), "the VAE encode of the input image",
                        "a broken VAE checkpoint or fp16 overflow (load the VAE in bf16 or float32)")
         del frames_in
@@ -326,16 +348,45 @@ def generate_i2v(
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = initial_noise((num_samples, zc, T, lh, lw), generator)
 
-        samples = _sample(place, mode, experts, noise, context.repeat(num_samples, 1, 1), y,
-                          num_steps=num_steps, sigma_max=sigma_max, boundary=boundary, ode=ode,
-                          generator=generator, dtype=dtype, device=device, progress=progress, group=group)
+        samples = _sample({n: places[devices[n]] for n in experts}, modes, experts, noise,
+                          context.repeat(num_samples, 1, 1), y, num_steps=num_steps, sigma_max=sigma_max,
+                          boundary=boundary, ode=ode, generator=generator, dtype=dtype, device=device,
+                          progress=progress, group=group)
 
         # 3. decode
-        frames = _decode(place, vae, samples, mode, device, num_frames, progress, on_frames, return_frames)
+        frames = _decode(place, vae, samples, mode, device, num_frames, progress, on_frames, return_frames,
+                         vae_group)
         ok = True
         return frames
     finally:
-        place.finish(ok)
+        for p in places.values():
+            p.finish(ok)
+
+
+def dist_world_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def _expert_devices(expert_devices: Optional[dict], device: torch.device) -> dict:
+    """{"high": device, "low": device} from the caller's (partial) mapping, each checked; missing: ``device``.
+    ``cuda`` without an index is the current card, so that it and ``cuda:N`` name one placement."""
+    unknown = set(expert_devices or {}) - {"high", "low"}
+    if unknown:
+        raise ValueError(f"expert_devices takes the keys 'high' and 'low', got {sorted(unknown)}")
+    out = {}
+    for name in ("high", "low"):
+        d = (expert_devices or {}).get(name)
+        d = device if d is None else check_device(d, option=f"expert_devices[{name!r}]")
+        out[name] = _card(d)
+    return out
+
+
+def _card(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _sequence_group(*experts):
@@ -370,6 +421,8 @@ def generate_t2v(
     keep_loaded: bool = True,
     on_frames: Optional[Callable[[int, int, torch.Tensor], None]] = None,
     return_frames: bool = True,
+    sequence_parallel: bool = False,
+    split_vae: bool = True,
 ) -> Optional[torch.Tensor]:
     """Generate ``num_samples`` videos from one prompt embedding with a TurboWan2.1-T2V model (1.3B or 14B).
 
@@ -383,63 +436,72 @@ def generate_t2v(
     check_model_kind(model, text_to_video=True, slot="generate_t2v's model")
     context = prepare_text_embedding(text_embedding)
     device = check_device(device) if device is not None else default_device()
+    group = _sequence_group(model) if sequence_parallel else None
+    vae_group = group if split_vae else None
     w, h = target_size((0, 0), resolution, aspect_ratio, False, width, height)
     if device.type == "cpu":
         check_cpu_memory(model.config, num_frames, w, h, num_samples)
     log.info("turbowan: text-to-video %dx%d, %d frames, %d steps, seed %d", w, h, num_frames, num_steps, seed)
 
     place = Placement(device, before_load, keep_loaded=keep_loaded)
-    mode = place.resolve_mode(model, None, tokens=num_samples * latent_tokens(num_frames, w, h))
+    mode = place.resolve_mode(model, None, tokens=num_samples * latent_tokens(num_frames, w, h),
+                              ranks=1 if group is None else dist_world_size(group))
     ok = False
     try:
         place.start_expert(model, mode)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = initial_noise((num_samples, model.config.out_dim, latent_frames(num_frames), h // 8, w // 8),
                               generator)
-        samples = _sample(place, mode, {"model": model}, noise, context.repeat(num_samples, 1, 1), None,
-                          num_steps=num_steps, sigma_max=sigma_max, boundary=None, ode=False,
-                          generator=generator, dtype=model.dtype, device=device, progress=progress)
-        frames = _decode(place, vae, samples, mode, device, num_frames, progress, on_frames, return_frames)
+        samples = _sample({"model": place}, {"model": mode}, {"model": model}, noise,
+                          context.repeat(num_samples, 1, 1), None, num_steps=num_steps, sigma_max=sigma_max,
+                          boundary=None, ode=False, generator=generator, dtype=model.dtype, device=device,
+                          progress=progress, group=group)
+        frames = _decode(place, vae, samples, mode, device, num_frames, progress, on_frames, return_frames,
+                         vae_group)
         ok = True
         return frames
     finally:
         place.finish(ok)
 
 
-def _sample(place: Placement, mode: str, models: dict, noise: torch.Tensor, context: torch.Tensor, y, group=None,
+def _sample(places: dict, modes: dict, models: dict, noise: torch.Tensor, context: torch.Tensor, y, group=None,
             **loop):
-    """`sample_rcm` with each model placed on the device as the execution mode says when its steps begin;
-    afterwards what the mode does not keep through the decode leaves the device. ``group``: the process group
-    the models split their tokens over (sequence parallelism), or None."""
+    """`sample_rcm` with each model placed on its device (``places[name]``) as its execution mode
+    (``modes[name]``) says when its steps begin; afterwards what the mode does not keep through the decode leaves
+    the device. ``group``: the process group the models split their tokens over (sequence parallelism), or None."""
     def select(name: str):
+        place, mode = places[name], modes[name]
         if mode == "swap":
             for other in models.values():
                 if other is not models[name]:
-                    place.unload(other)
+                    place.unload(other)  # only what is on this placement's device
         if mode == "stream":
             place.drop_prefetched()  # the previous expert's blocks copied in ahead
         place.load_expert(models[name], mode)
         return models[name] if group is None else functools.partial(models[name], sequence_group=group)
 
     samples = sample_rcm(select, noise, context, y, **loop)
-    if mode == "swap":
-        for model in models.values():
-            place.unload(model)
-    elif mode == "stream":
-        place.drop_prefetched()
+    for name, model in models.items():
+        if modes[name] == "swap":
+            places[name].unload(model)
+        elif modes[name] == "stream":
+            places[name].drop_prefetched()
     return samples
 
 
 def _decode(place: Placement, vae, samples: torch.Tensor, mode: str, device: torch.device, num_frames: int,
-            progress, on_frames, return_frames: bool) -> Optional[torch.Tensor]:
+            progress, on_frames, return_frames: bool, group=None) -> Optional[torch.Tensor]:
     """Latents -> frames [S, F, H, W, 3] on the CPU (None without ``return_frames``), one sample at a time (the
-    same result as a batch, less memory)."""
+    same result as a batch, less memory). ``group``: the ranks share the decode out, a tile each."""
     place.load_vae(vae)
     videos = []
-    tile = tile_for_run(vae, "decode", tuple(samples.shape[-2:]), mode, device, num_frames)
+    grid = tuple(samples.shape[-2:])
+    tile = tile_for_run(vae, "decode", grid, mode, device, num_frames)
+    if group is not None:
+        tile = tile_for_ranks(grid, dist_world_size(group), tile)
     for i in range(samples.shape[0]):
         frames_hook = None if on_frames is None else (lambda start, chunk, i=i: on_frames(i, start, _to_rgb(chunk)[0]))
-        video = vae.decode(samples[i : i + 1], progress=progress, tile=tile, on_frames=frames_hook)
+        video = vae.decode(samples[i : i + 1], progress=progress, tile=tile, on_frames=frames_hook, group=group)
         if return_frames:
             videos.append(_to_rgb(video)[0].contiguous().cpu())  # [F, H, W, 3]
     return torch.stack(videos) if return_frames else None

@@ -230,11 +230,14 @@ class Placement:
         return entry if entry is not None and entry.device == self.device else None
 
     # -- experts -------------------------------------------------------------------------------------------
-    def resolve_mode(self, high, low: Optional[nn.Module], tokens: int, allow_resident: bool = True) -> str:
+    def resolve_mode(self, high, low: Optional[nn.Module], tokens: int, allow_resident: bool = True,
+                     ranks: int = 1) -> str:
         """The mode for this run. ``auto`` first makes room for one expert (so that a text encoder the host
         application still holds does not push us into a slower mode), then measures free memory, counting
         what these experts already hold on the device and what other idle models of ours would give back.
-        ``allow_resident=False`` keeps auto to one expert on the GPU at a time."""
+        ``allow_resident=False`` keeps auto to one expert on the GPU at a time. ``ranks``: the run is split over
+        that many sequence-parallel ranks, each with its own device and its share of the tokens' activations
+        (every rank holds whole experts, so the weights count in full)."""
         mode = getattr(high, "execution_mode", "auto")
         if self.device.type != "cuda":
             return "resident"  # nothing to move: CPU runs in place
@@ -242,7 +245,7 @@ class Placement:
         one, other = tensor_bytes(high), tensor_bytes(low) if low is not None else 0  # None: a one-model run
         free = None
         if mode == "auto":
-            act = activation_bytes(tokens, c.dim, c.ffn_dim, FFN_CHUNK_TOKENS)
+            act = activation_bytes(tokens, c.dim, c.ffn_dim, FFN_CHUNK_TOKENS, ranks)
             self._before(max(one, other) + act)
             free = self._available()
             mode = choose_mode(free, one, other if allow_resident else 1 << 62, act)
@@ -254,7 +257,7 @@ class Placement:
         self.ffn_chunk = FFN_CHUNK_TOKENS
         if mode == "resident":
             free = self._available() if free is None else free
-            if (one + other + activation_bytes(tokens, c.dim, c.ffn_dim, None)) * ALLOCATOR_FACTOR < free:
+            if (one + other + activation_bytes(tokens, c.dim, c.ffn_dim, None, ranks)) * ALLOCATOR_FACTOR < free:
                 self.ffn_chunk = None
         return mode
 

@@ -90,7 +90,8 @@ def sample_rcm(
 
     ``noise`` [B, 16, T, H, W] float32 (drawn on the CPU), ``context`` [B, 512, 4096], ``y`` [B, 20, T, H, W]
     (None for a text-to-video model). ``generator`` supplies the SDE noise (the same CPU generator that drew
-    ``noise``). ``boundary=None``: one model runs every step (``select_expert("model")``).
+    ``noise``). ``boundary=None``: one model runs every step (``select_expert("model")``). A network with a
+    ``device`` other than the state's (one expert per card) gets the state moved there at the switch.
     """
     if not ode and generator is None:
         raise ValueError("SDE sampling needs the seeded generator that drew the initial noise")
@@ -109,6 +110,10 @@ def sample_rcm(
         if experts[i] != current:
             current = experts[i]
             net = select_expert(current)
+            here = getattr(net, "device", x.device)
+            if here != x.device:  # the latents follow the expert to its card
+                x, context, ones = x.to(here), context.to(here), ones.to(here)
+                y = None if y is None else y.to(here)
         timestep = (torch.tensor(t_cur, dtype=torch.float64).float().item() * ones * 1000).to(dtype)
         with torch.no_grad():
             v = net(x.to(dtype), timestep, context, y).to(torch.float64)
@@ -116,12 +121,12 @@ def sample_rcm(
         if ode:
             x = x - (t_cur - t_next) * v
         else:
-            eps = torch.randn(*x.shape, dtype=torch.float32, generator=generator).to(device)
+            eps = torch.randn(*x.shape, dtype=torch.float32, generator=generator).to(x.device)
             x = (1 - t_next) * (x - t_cur * v) + t_next * eps
         pending = (i, finite_flag(x))
         report(progress, "sample", i + 1, num_steps)
     _check_step(pending, experts, num_steps)
-    return x.float()
+    return x.float().to(device)
 
 
 def _check_step(pending, experts: list[str], num_steps: int) -> None:

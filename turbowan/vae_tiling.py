@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from .devices import free_cuda_bytes
+from .models.vae import tile_count
 
 MIN_AUTO_TILE = 16  # latent pixels (128 video pixels); smaller tiles cost more in overlap than they save
 
@@ -47,3 +48,27 @@ def tile_for_run(vae, stage: str, grid: Tuple[int, int], mode: str, device: torc
         return auto_tile(vae, stage, grid, frames=frames)
     # stream: the card is small (or capped): half of what is free, so tiles stay clear of the allocator's limit
     return tile_for_budget(vae, stage, grid, 0.5 * free_cuda_bytes(vae.device), frames=frames)
+
+
+def tile_for_ranks(grid: Tuple[int, int], ranks: int, tile: Optional[Tuple[int, int]] = None) -> Optional[Tuple[int, int]]:
+    """The tile for a VAE stage split over ``ranks`` sequence-parallel ranks: the frame cut into at most
+    ``ranks`` overlapping tiles (rows x columns, the layout whose tiles' shorter side is longest: thin strips
+    get thin overlaps, and seams show), so each rank codes one; smaller where the memory tile ``tile`` (`tile_for_run`) is smaller. ``ranks`` 1: ``tile``."""
+    if ranks <= 1:
+        return tile
+    best = None
+    for rows in (r for r in range(1, ranks + 1) if ranks % r == 0):
+        split = (_side_for_count(grid[0], rows), _side_for_count(grid[1], ranks // rows))
+        key = (min(split), -tile_count(grid, split) * split[0] * split[1])  # squarest, then least area
+        if best is None or key > best[0]:
+            best = (key, split)
+    split = best[1]
+    return split if tile is None else (min(split[0], tile[0]), min(split[1], tile[1]))
+
+
+def _side_for_count(size: int, count: int) -> int:
+    """The smallest tile side whose overlapping spans cover ``size`` latent pixels in at most ``count`` tiles."""
+    side = max(2, -(-size // count))
+    while side < size and tile_count((size, 1), (side, 1)) > count:
+        side += 1
+    return min(side, size)

@@ -161,6 +161,11 @@ class VideoWriter:
         self._state = "open"  # -> "closed" (file in place) or "aborted" (nothing left)
         self.frames_written = 0
 
+    @property
+    def temporary_path(self) -> Path:
+        """Where the video is written until `close` moves it into place (removed by `abort`)."""
+        return self._tmp
+
     def __enter__(self) -> "VideoWriter":
         return self
 

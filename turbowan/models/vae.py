@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -359,8 +360,16 @@ def _blend_weights(spans: List[Tuple[int, int]], index: int, scale: int) -> torc
     return weights
 
 
-def _tile_count(grid: Tuple[int, int], tile: Tuple[int, int]) -> int:
+def tile_count(grid: Tuple[int, int], tile: Tuple[int, int]) -> int:
+    """How many tiles of ``tile`` (latent pixels) cover ``grid``."""
     return len(_tile_spans(grid[0], tile[0])) * len(_tile_spans(grid[1], tile[1]))
+
+
+def _own_tiles(count: int, group) -> range:
+    """The tile indices this rank of ``group`` processes (round robin; all of them without a group)."""
+    if group is None:
+        return range(count)
+    return range(dist.get_rank(group), count, dist.get_world_size(group))
 
 
 def _tiled(
@@ -370,29 +379,35 @@ def _tiled(
     tile: Tuple[int, int],
     in_scale: int,
     out_scale: int,
+    out_lead: Tuple[int, ...],
+    out_dtype: torch.dtype,
+    group=None,
 ) -> torch.Tensor:
     """Apply `fn` to overlapping spatial tiles of `x` and blend the results.
 
     Tiles are laid on a `grid` (latent pixels); `x` has `in_scale` pixels per grid cell, `fn`'s output
-    `out_scale`. Neighbouring tiles overlap by 1/4 of the tile (at most 8 latent pixels). Each output
-    pixel is the weight-normalised sum of the tiles covering it, accumulated in float32; with a single
-    tile the result equals `fn(x)` exactly.
+    `out_scale` and leading dims `out_lead`. Neighbouring tiles overlap by 1/4 of the tile (at most 8 latent
+    pixels). Each output pixel is the weight-normalised sum of the tiles covering it, accumulated in float32;
+    with a single tile the result equals `fn(x)` exactly. With a process ``group`` each rank runs every W-th tile
+    and the weighted sums are added up over the ranks (all-reduce), so every rank returns the same blend as one
+    process running all the tiles, up to float32 summation order.
     """
     spans_y, spans_x = _tile_spans(grid[0], tile[0]), _tile_spans(grid[1], tile[1])
     weight_sum = torch.zeros(grid[0] * out_scale, grid[1] * out_scale, dtype=torch.float32, device=x.device)
-    acc = None
-    for iy, (y0, y1) in enumerate(spans_y):
-        for ix, (x0, x1) in enumerate(spans_x):
-            out = fn(x[..., y0 * in_scale : y1 * in_scale, x0 * in_scale : x1 * in_scale])
-            if acc is None:
-                acc = torch.zeros(*out.shape[:-2], *weight_sum.shape, dtype=torch.float32, device=x.device)
-                out_dtype = out.dtype
-            w = _blend_weights(spans_y, iy, out_scale)[:, None] * _blend_weights(spans_x, ix, out_scale)[None, :]
-            w = w.to(x.device)
-            region = (..., slice(y0 * out_scale, y1 * out_scale), slice(x0 * out_scale, x1 * out_scale))
-            acc[region].addcmul_(out, w)
-            weight_sum[region] += w
-            del out
+    acc = torch.zeros(*out_lead, *weight_sum.shape, dtype=torch.float32, device=x.device)
+    for index in _own_tiles(len(spans_y) * len(spans_x), group):
+        iy, ix = divmod(index, len(spans_x))
+        (y0, y1), (x0, x1) = spans_y[iy], spans_x[ix]
+        out = fn(x[..., y0 * in_scale : y1 * in_scale, x0 * in_scale : x1 * in_scale])
+        w = _blend_weights(spans_y, iy, out_scale)[:, None] * _blend_weights(spans_x, ix, out_scale)[None, :]
+        w = w.to(x.device)
+        region = (..., slice(y0 * out_scale, y1 * out_scale), slice(x0 * out_scale, x1 * out_scale))
+        acc[region].addcmul_(out, w)
+        weight_sum[region] += w
+        del out
+    if group is not None:
+        dist.all_reduce(acc, group=group)
+        dist.all_reduce(weight_sum, group=group)
     return acc.div_(weight_sum).to(out_dtype)
 
 
@@ -438,10 +453,13 @@ class WanVAE:
     # -- encode ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, progress: Optional[ProgressHook] = None, tile: TileSpec = None) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, progress: Optional[ProgressHook] = None, tile: TileSpec = None,
+               group=None) -> torch.Tensor:
         """video [B, 3, 1+4k, H, W] in [-1, 1] -> normalised latents [B, 16, 1+k, H/8, W/8], float32.
 
         The hook gets ("encode", done, total) after each temporal chunk (frame 0, then 4 frames at a time).
+        ``group`` (with a ``tile``): a `torch.distributed` group whose ranks, called alike, share the tiles out
+        and all return the blended whole (`turbowan.vae_tiling.tile_for_ranks` gives one tile per rank).
         """
         _check_video(video)
         b, _, frames, height, width = video.shape
@@ -468,20 +486,22 @@ class WanVAE:
             total = chunks
             latents = encode_region(video)
         else:
-            total = chunks * _tile_count(grid, tile)
-            latents = _tiled(encode_region, video, grid, tile, in_scale=SPATIAL_COMPRESSION, out_scale=1)
+            total = chunks * len(_own_tiles(tile_count(grid, tile), group))
+            latents = _tiled(encode_region, video, grid, tile, in_scale=SPATIAL_COMPRESSION, out_scale=1,
+                             out_lead=(b, Z_DIM, chunks), out_dtype=self.dtype, group=group)
         return latents.float()
 
     # -- decode ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, progress: Optional[ProgressHook] = None, tile: TileSpec = None,
-               on_frames: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+               on_frames: Optional[Callable[[int, torch.Tensor], None]] = None, group=None) -> torch.Tensor:
         """normalised latents [B, 16, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] in the model dtype (not clamped).
 
         The hook gets ("decode", done, total) after each decoded latent frame (per tile when tiled).
         ``on_frames(start, frames)`` gets each chunk of final frames [B, 3, t, H, W] as soon as it is decoded
         (untiled: per latent frame; tiled: the whole video at the end, since every tile adds to every frame).
+        ``group``: the tiles shared out over its ranks, as in `encode`.
         """
         if latents.ndim != 5 or latents.shape[1] != Z_DIM:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; the Wan2.1 VAE decodes [B, {Z_DIM}, T, H, W]")
@@ -511,8 +531,9 @@ class WanVAE:
         if tile is None:
             total = steps
             return decode_region(z)
-        total = steps * _tile_count((h, w), tile)
-        video = _tiled(decode_region, z, (h, w), tile, in_scale=1, out_scale=SPATIAL_COMPRESSION)
+        total = steps * len(_own_tiles(tile_count((h, w), tile), group))
+        video = _tiled(decode_region, z, (h, w), tile, in_scale=1, out_scale=SPATIAL_COMPRESSION,
+                       out_lead=(b, 3, 1 + TEMPORAL_COMPRESSION * (steps - 1)), out_dtype=self.dtype, group=group)
         if on_frames is not None:
             on_frames(0, video)
         return video

@@ -34,11 +34,9 @@ def _ranks_args(tiny, out, **overrides):
     return argv[:i] + argv[i + 2:]  # the ranks pick their devices
 
 
-def test_two_ranks_write_one_video_matching_the_one_process_run(tiny, tmp_path, capfd, cpu_ranks, monkeypatch):
+def test_two_ranks_write_one_video_matching_the_one_process_run(tiny, tmp_path, capfd, cpu_ranks):
     one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
-    with monkeypatch.context() as m:  # the one-process run with its VAE tiled as the two ranks split it
-        m.setattr(pipeline, "tile_for_run", lambda vae, stage, grid, *rest: tile_for_ranks(grid, 2))
-        assert cli.main(generate_args(tiny, one)) == 0
+    assert cli.main(generate_args(tiny, one)) == 0
     capfd.readouterr()
     assert cli.main(_ranks_args(tiny, two, **{"--gpus": 2})) == 0
     out = capfd.readouterr()
@@ -58,6 +56,10 @@ def test_ranks_that_do_not_split_the_heads_are_refused_before_any_process_starts
     assert_refused(capsys, _ranks_args(tiny, tmp_path / "o.mp4", **{"--gpus": 4}), "--gpus 4",
                    "2 attention heads", "use one of: 2")
     assert_refused(capsys, generate_args(tiny, tmp_path / "o.mp4", **{"--gpus": 2}), "--gpus 2", "leave --device out")
+
+
+def test_split_vae_without_gpus_is_refused(tiny, tmp_path, capsys, no_loading):
+    assert_refused(capsys, generate_args(tiny, tmp_path / "o.mp4") + ["--split-vae"], "--split-vae", "--gpus 2")
 
 
 def _start(tiny, out: Path) -> subprocess.Popen:
@@ -111,3 +113,15 @@ def test_a_killed_rank_ends_the_others_and_its_status_is_the_commands(tiny, tmp_
     time.sleep(0.2)
     assert not [r for r in ranks if Path(f"/proc/{r}").exists()]
     _assert_no_video_left(tmp_path)
+
+
+def test_split_vae_ranks_match_the_one_process_run_tiled_the_same_way(tiny, tmp_path, capfd, cpu_ranks,
+                                                                       monkeypatch):
+    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
+    with monkeypatch.context() as m:  # the one-process run with its VAE tiled as the two ranks split it
+        m.setattr(pipeline, "tile_for_run", lambda vae, stage, grid, *rest: tile_for_ranks(grid, 2))
+        assert cli.main(generate_args(tiny, one)) == 0
+    assert cli.main(_ranks_args(tiny, two, **{"--gpus": 2}) + ["--split-vae"]) == 0
+    capfd.readouterr()
+    a, b = decode(one).frames.astype(float), decode(two).frames.astype(float)
+    assert abs(a - b).max() <= 1

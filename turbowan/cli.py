@@ -224,6 +224,9 @@ def prepare_generate(args) -> dict:
         if args.gpus > 1 and args.device is not None:
             raise ValueError(f"--gpus {args.gpus} runs one process on each of cuda:0 to cuda:{args.gpus - 1}; leave "
                              "--device out (CUDA_VISIBLE_DEVICES picks the cards)")
+    if args.split_vae and ranks < 2:
+        raise ValueError("--split-vae shares the VAE out over the GPUs of a --gpus run; add --gpus 2 (or more), "
+                         "or leave --split-vae out")
     t2v = args.image is None  # no first frame: text-to-video with a TurboWan2.1-T2V model
     if t2v:
         for given, option in ((args.ode, "--ode"), (args.adaptive, "--adaptive"), (args.boundary is not None,
@@ -348,6 +351,7 @@ def run_generate(args, job: dict, context, device, progress: StageProgress, rank
                on_frames=(lambda i, start, chunk: writers[i].write(chunk)) if writers else None)
     if ranks > 1:
         run["sequence_parallel"] = True
+        run["split_vae"] = args.split_vae
     try:
         if job["t2v"]:
             frames = turbowan.generate_t2v(high, vae, context, **run)
@@ -556,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the expert weights live on CUDA (default auto; see `turbowan doctor`)")
     run.add_argument("--gpus", type=int, metavar="N",
                      help="CUDA GPUs to split the job over (sequence parallelism; at most the cards present)")
+    run.add_argument("--split-vae", action="store_true",
+                     help="with --gpus: a spatial tile of the VAE per GPU (faster; blended seams show)")
     run.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present; bf16 on a GPU, "
                      "float32 on a CPU)")
     out = g.add_argument_group("output")

@@ -43,7 +43,7 @@ import folder_paths
 
 from . import placement
 from .checkpoint import file_identity
-from .devices import check_device
+from .devices import check_device, indexed
 from .lora import apply_lora
 from .models.dit import WanI2VDiT, load_dit
 from .models.vae import WanVAE, load_vae, vae_from_state_dict
@@ -412,6 +412,11 @@ def sync_loaded_models(models, devices) -> None:
         if entry.model.loaded_size() == 0:
             entry.model_unload()
             mm.current_loaded_models.remove(entry)
+    # one entry per card, named as ComfyUI names it ("cuda" and "cuda:0" are one card; ComfyUI's device comes first)
+    cards = {}
+    for device in devices:
+        cards.setdefault(indexed(device), device)
+    devices = list(cards.values())
     for model in models:
         for device in devices:
             if placement.device_bytes(model, device) == 0:

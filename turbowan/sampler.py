@@ -18,6 +18,8 @@ Noise draw order (one seeded CPU ``torch.Generator``, so a seed gives the same v
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Callable, Optional, Sequence
 
@@ -115,7 +117,8 @@ def sample_rcm(
                 x, context, ones = x.to(here), context.to(here), ones.to(here)
                 y = None if y is None else y.to(here)
         timestep = (torch.tensor(t_cur, dtype=torch.float64).float().item() * ones * 1000).to(dtype)
-        with torch.no_grad():
+        # the expert's card is the current device while it runs: cuBLAS handles and Triton launches follow it
+        with torch.no_grad(), (torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()):
             v = net(x.to(dtype), timestep, context, y).to(torch.float64)
         _check_step(pending, experts, num_steps)  # the GPU works on this step meanwhile: no bubble
         if ode:

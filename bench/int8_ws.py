@@ -85,9 +85,9 @@ def _consume(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, k_tiles
         p = warpgroup_mma(a, b.slice(0, CHUNK).permute((1, 0)), gl.zeros([64, CHUNK], gl.int32, layout), use_acc=False, is_async=True)
         p = warpgroup_mma_wait(0, deps=(p,))
         acc0 = gl.fma(p.to(gl.float32), xs * gl.load(ws_row0 + j), acc0)
-        # keep the compiler from hoisting the next wgmma above this fma: two int32 partials in flight next to the
-        # 128-register accumulator would spill (a barrier of this warpgroup only; the other consumer runs on)
-        gl.thread_barrier()
+        # pin this fma before the next wgmma (the wait takes acc0 as an operand and is ordered with the wgmma):
+        # otherwise the compiler hoists the wgmma, and two int32 partials beside the accumulators spill
+        acc0 = warpgroup_mma_wait(0, deps=(acc0,))
         p = warpgroup_mma(a, b.slice(CHUNK, CHUNK).permute((1, 0)), gl.zeros([64, CHUNK], gl.int32, layout),
                           use_acc=False, is_async=True)
         p = warpgroup_mma_wait(0, deps=(p,))
@@ -168,6 +168,17 @@ def main():
     xs = torch.rand(triton.cdiv(m, 128), k // 128, device="cuda", generator=g) * 1e-2
     ws = torch.rand(triton.cdiv(n, 128), k // 128, device="cuda", generator=g) * 1e-2
     bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
+    for rm, rk, rn in ((1000, 512, 640), (129, 256, 130)):  # ragged M and N: TMA zero-fill, masked stores
+        rx = torch.randint(-128, 128, (rm, rk), dtype=torch.int8, device="cuda", generator=g)
+        rw = torch.randint(-128, 128, (rn, rk), dtype=torch.int8, device="cuda", generator=g)
+        rxs = torch.rand(triton.cdiv(rm, 128), rk // 128, device="cuda", generator=g)
+        rws = torch.rand(triton.cdiv(rn, 128), rk // 128, device="cuda", generator=g)
+        rb = torch.randn(rn, device="cuda", generator=g).to(torch.bfloat16)
+        try:
+            same = torch.equal(w8a8_ws_gemm(rx, rxs, rw, rws, rb), w8a8_gemm(rx, rxs, rw, rws, rb, torch.bfloat16))
+        except Exception as exc:
+            same = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"ragged {rm}x{rk}x{rn}: bit-exact vs ours: {same}", flush=True)
     ours = w8a8_gemm(xq, xs, wq, ws, bias, torch.bfloat16)
     ops = 2 * m * n * k
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; M={m} K={k} N={n}")

@@ -1,6 +1,6 @@
-"""Ulysses sequence parallelism on gloo: 2 and 4 CPU processes give the one-process frames to float32 rounding.
+"""Ulysses sequence parallelism on gloo: 2, 4 and 8 CPU processes give the one-process frames to float32 rounding.
 
-The video is 9 frames of 144x112: 3 x 7 x 9 = 189 latent tokens, which divides by neither 2 nor 4, so the padding
+The video is 9 frames of 144x112: 3 x 7 x 9 = 189 latent tokens, which divides by none of 2, 4, 8, so the padding
 path runs. Every rank's frames are compared with a one-process run; heads that do not split are refused. With the
 VAE split over the ranks (a spatial tile each), the one-process run to compare with is one that tiles its VAE alike.
 """
@@ -24,19 +24,22 @@ from turbowan.ops.sequence_parallel import check_world_size
 from turbowan.vae_tiling import tile_for_ranks
 
 FOUR_HEADS = DiTConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=2)
+EIGHT_HEADS = DiTConfig(dim=256, ffn_dim=256, num_heads=8, num_layers=2)
 RUN = dict(num_frames=9, width=144, height=112, seed=3, device="cpu")
 SLA_TOPK = 0.5  # 3 key blocks of 64: one is kept per 128-query block, so SLA's sparse and linear parts both run
 
 
 def _models(kind: str, attention: str):
-    """Float32 experts ('fixture': the 2-head reference files; 'four_heads': random 4-head ones) and the VAE."""
+    """Float32 experts ('fixture': the 2-head reference files; 'four_heads' / 'eight_heads': random ones) and the
+    VAE."""
     f = fixtures_dir()
     if kind == "fixture":
         high, low = (turbowan.load_dit(f / "dit" / f"TurboWan2.2-I2V-tiny-{n}.pth", attention=attention,
                                        sla_topk=SLA_TOPK, dtype=torch.float32) for n in ("high", "low"))
     else:
-        high, low = (random_dit(FOUR_HEADS, dtype=torch.float32, attention=attention, sla_topk=SLA_TOPK,
-                                      seed=s) for s in (1, 2))
+        config = FOUR_HEADS if kind == "four_heads" else EIGHT_HEADS
+        high, low = (random_dit(config, dtype=torch.float32, attention=attention, sla_topk=SLA_TOPK, seed=s)
+                     for s in (1, 2))
     return high, low, turbowan.load_vae(f / "vae" / "Wan2.1_VAE-tiny.pth", device="cpu", dtype=torch.float32)
 
 
@@ -109,3 +112,13 @@ def test_sequence_parallel_without_a_process_group_is_refused_before_any_work():
     with pytest.raises(ValueError, match="init_process_group"):
         _generate("fixture", "original", sequence_parallel=True)
 
+
+
+def test_eight_ranks_give_the_one_process_frames(tmp_path):
+    # 8 ranks (they divide A14B's 40 heads) over 189 tokens: 24 per rank, the last rank's slice 3 tokens of padding
+    jobs = [("eight_heads", "sla", False)]
+    ranks = _run_ranks(tmp_path, 8, jobs)
+    single = ranks[0]["single", 0]
+    for result in ranks:
+        assert torch.equal(result[jobs[0]], ranks[0][jobs[0]])
+    assert max_abs(ranks[0][jobs[0]], single) < 1e-5

@@ -174,12 +174,18 @@ class SelfAttention(nn.Module):
                 sp: SequenceSplit | None = None) -> torch.Tensor:
         B, L, _ = x.shape  # [B, L, dim] (L: this rank's tokens under sequence parallelism)
         shared = shared_int8_input(x, self.q, self.k, self.v)  # W8A8 on CUDA: quantize x once for all three
-        q = rms_norm_rope(apply_linear(self.q, x, shared), self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
-        k = rms_norm_rope(apply_linear(self.k, x, shared), self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
-        v = apply_linear(self.v, x, shared).view(B, L, self.num_heads, self.head_dim)
+        # Ulysses (sp): each of q, k, v starts its all-to-all (token split -> head split) as soon as it is made,
+        # so the exchange of q and k runs while k and v are computed; then every rank attends over the whole
+        # sequence with its share of the heads
+        to_heads = (lambda t: t) if sp is None else sp.start_tokens_to_heads
+        q = to_heads(rms_norm_rope(apply_linear(self.q, x, shared), self.norm_q.weight, cos, sin, self.norm_q.eps,
+                                   self.num_heads))
+        k = to_heads(rms_norm_rope(apply_linear(self.k, x, shared), self.norm_k.weight, cos, sin, self.norm_k.eps,
+                                   self.num_heads))
+        v = to_heads(apply_linear(self.v, x, shared).view(B, L, self.num_heads, self.head_dim))
         del shared
-        if sp is not None:  # Ulysses: attend over the whole sequence with this rank's share of the heads
-            q, k, v = sp.tokens_to_heads(torch.cat([q, k, v])).chunk(3)  # one all-to-all for all three
+        if sp is not None:
+            q, k, v = q(), k(), v()  # wait for the three exchanges
         out = self_attention(q, k, v, self.attention, self.proj_l, self.sla_topk)  # [B, L, H, D]
         if sp is not None:
             out = sp.heads_to_tokens(out)

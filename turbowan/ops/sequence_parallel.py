@@ -10,6 +10,7 @@ key or query) and runs the unchanged per-head attention; a second all-to-all tra
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -68,10 +69,21 @@ class SequenceSplit:
 
     def tokens_to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, local, H, D] (this rank's tokens, all heads) -> [B, L, H/W, D] (all tokens, this rank's heads)."""
+        return self.start_tokens_to_heads(x)()
+
+    def start_tokens_to_heads(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """`tokens_to_heads` started asynchronously: the exchange runs (NCCL on its own stream) while the caller
+        computes on; calling the returned function waits for it and gives the [B, L, H/W, D] result."""
         B, n, H, D = x.shape
         chunks = x.reshape(B, n, self.world, H // self.world, D).permute(2, 0, 1, 3, 4).contiguous()
-        got = self._all_to_all(chunks)  # [W (token slice), B, local, H/W, D]
-        return got.permute(1, 0, 2, 3, 4).reshape(B, self.padded, H // self.world, D)[:, : self.length]
+        got = torch.empty_like(chunks)  # [W (token slice), B, local, H/W, D] once received
+        work = dist.all_to_all_single(got, chunks, group=self.group, async_op=True)
+
+        def finish(chunks=chunks) -> torch.Tensor:  # holds the send buffer until the exchange is done
+            work.wait()
+            return got.permute(1, 0, 2, 3, 4).reshape(B, self.padded, H // self.world, D)[:, : self.length]
+
+        return finish
 
     def heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, H/W, D] (all tokens, this rank's heads) -> [B, local, H, D] (this rank's tokens, all heads)."""

@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import common
-from turbowan.kernels.int8_triton import w8a8_gemm
+from turbowan.kernels.int8_triton import grouped_tile, w8a8_gemm
 
 
 @triton.jit
@@ -32,14 +32,7 @@ def _plain_gemm_kernel(a_desc, b_desc, c_ptr, M, N, K, GROUP_M: tl.constexpr, AC
     BM: tl.constexpr = 128
     BN: tl.constexpr = 256
     BK: tl.constexpr = 128
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     if ACC_INT:
         acc = tl.zeros((BM, BN), dtype=tl.int32)
     else:
@@ -69,14 +62,7 @@ def _magic_chunk(acc, a, s, w_desc, n0, j):
 def _w8a8_magic_kernel(xq_desc, w_desc, xs_ptr, ws_ptr, y_ptr, M, N, k_tiles, GROUP_M: tl.constexpr):
     BM: tl.constexpr = 128
     BN: tl.constexpr = 256
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     w_tiles_n = tl.cdiv(N, 128)
     acc0 = tl.zeros((BM, 128), dtype=tl.float32)
     acc1 = tl.zeros((BM, 128), dtype=tl.float32)

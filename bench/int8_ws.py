@@ -26,7 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import common
-from turbowan.kernels.int8_triton import w8a8_gemm
+from turbowan.kernels.int8_triton import grouped_tile, w8a8_gemm
 
 BM = gl.constexpr(128)
 BN = gl.constexpr(256)
@@ -115,14 +115,9 @@ def _store(y_ptr, bias_ptr, acc, rows, cols, M, N, HAS_BIAS: gl.constexpr):
 @gluon.jit
 def _w8a8_ws_kernel(a_desc, b_desc, xs_ptr, ws_ptr, y_ptr, bias_ptr, M, N, k_tiles,
                     HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-    pid = gl.program_id(0)
-    num_m = gl.cdiv(M, BM)
-    num_n = gl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = gl.minimum(num_m - first_m, GROUP_M)
-    off_m = (first_m + (pid % per_group) % group_rows) * BM
-    off_n = ((pid % per_group) // group_rows) * BN
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)  # the same tile order as ours
+    off_m = pid_m * BM
+    off_n = pid_n * BN
 
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], b_desc.layout)

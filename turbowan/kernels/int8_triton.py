@@ -105,19 +105,24 @@ def _store_output(y_ptr, acc, bias_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: t
 
 
 @triton.jit
-def _w8a8_gemm_kernel(xq_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, k_tiles, stride_ym,
-                      HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr):
-    BM: tl.constexpr = 128
-    BN: tl.constexpr = CHUNK * N_CHUNKS
-    # grouped tile order: GROUP_M row tiles sweep the N tiles together, so operand tiles are reused from L2
+def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile (pid_m, pid_n) in grouped order: GROUP_M row tiles sweep the N tiles together,
+    so operand tiles are reused from L2."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def _w8a8_gemm_kernel(xq_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, k_tiles, stride_ym,
+                      HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr):
+    BM: tl.constexpr = 128
+    BN: tl.constexpr = CHUNK * N_CHUNKS
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
 
     w_tiles_n = tl.cdiv(N, 128)
     off_m = pid_m * BM

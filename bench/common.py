@@ -47,6 +47,26 @@ def merge_results(values: dict, card: str, prefix: str = "", date: str | None = 
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def gemm_shape(description: str) -> tuple[int, int, int]:
+    """(M, K, N) from the command line (--shape M K N), by default the 720p FFN up-projection."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--shape", nargs=3, type=int, default=[75600, 5120, 13824], metavar=("M", "K", "N"))
+    return tuple(ap.parse_args().shape)
+
+
+def random_w8a8_operands(m: int, k: int, n: int, generator: torch.Generator, scale: float = 1e-2):
+    """Random quantized W8A8 GEMM operands on the generator's device: x int8 [m, k], its tile scales
+    [ceil(m/128), k/128], weight int8 [n, k] and its tile scales (scales uniform in [0, scale))."""
+    dev = generator.device
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev, generator=generator)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=dev, generator=generator)
+    xs = torch.rand(-(-m // 128), k // 128, device=dev, generator=generator) * scale
+    ws = torch.rand(-(-n // 128), k // 128, device=dev, generator=generator) * scale
+    return xq, xs, wq, ws
+
+
 def random_experts(device, attention: str = "sla", quant: str | None = None, config: DiTConfig | None = None):
     """The two A14B experts (high noise, then low noise) with random bf16 weights, built on `device`."""
     return [random_dit(config or DiTConfig(), dtype=torch.bfloat16, quant=quant, attention=attention,

@@ -15,8 +15,6 @@ is printed (Hopper's fp8 tensor cores accumulate with reduced precision).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -102,17 +100,10 @@ def plain_gemm(a, b, acc_int: bool, stages: int = 4):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", nargs=3, type=int, default=[75600, 5120, 13824], metavar=("M", "K", "N"))
-    args = ap.parse_args()
-    m, k, n = args.shape
+    m, k, n = common.gemm_shape(__doc__.split("\n")[0])
     dev = "cuda"
     ops = 2 * m * n * k
-    g = torch.Generator(dev).manual_seed(0)
-    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev, generator=g)
-    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=dev, generator=g)
-    xs = torch.rand(triton.cdiv(m, 128), k // 128, device=dev, generator=g) * 1e-2
-    ws = torch.rand(triton.cdiv(n, 128), k // 128, device=dev, generator=g) * 1e-2
+    xq, xs, wq, ws = common.random_w8a8_operands(m, k, n, torch.Generator(dev).manual_seed(0))
     xb, wb = xq.to(torch.bfloat16), wq.to(torch.bfloat16)
     x8, w8 = (xq.float() / 32).to(torch.float8_e4m3fn), (wq.float() / 32).to(torch.float8_e4m3fn)
     one = torch.ones((), device=dev)

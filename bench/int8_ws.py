@@ -16,8 +16,6 @@ must equal ours exactly; the script checks that before timing.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -153,21 +151,12 @@ def w8a8_ws_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, stages=4, 
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", nargs=3, type=int, default=[75600, 5120, 13824], metavar=("M", "K", "N"))
-    args = ap.parse_args()
-    m, k, n = args.shape
+    m, k, n = common.gemm_shape(__doc__.split("\n")[0])
     g = torch.Generator("cuda").manual_seed(0)
-    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
-    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda", generator=g)
-    xs = torch.rand(triton.cdiv(m, 128), k // 128, device="cuda", generator=g) * 1e-2
-    ws = torch.rand(triton.cdiv(n, 128), k // 128, device="cuda", generator=g) * 1e-2
+    xq, xs, wq, ws = common.random_w8a8_operands(m, k, n, g)
     bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
     for rm, rk, rn in ((1000, 512, 640), (129, 256, 130)):  # ragged M and N: TMA zero-fill, masked stores
-        rx = torch.randint(-128, 128, (rm, rk), dtype=torch.int8, device="cuda", generator=g)
-        rw = torch.randint(-128, 128, (rn, rk), dtype=torch.int8, device="cuda", generator=g)
-        rxs = torch.rand(triton.cdiv(rm, 128), rk // 128, device="cuda", generator=g)
-        rws = torch.rand(triton.cdiv(rn, 128), rk // 128, device="cuda", generator=g)
+        rx, rxs, rw, rws = common.random_w8a8_operands(rm, rk, rn, g, scale=1.0)
         rb = torch.randn(rn, device="cuda", generator=g).to(torch.bfloat16)
         try:
             same = torch.equal(w8a8_ws_gemm(rx, rxs, rw, rws, rb), w8a8_gemm(rx, rxs, rw, rws, rb, torch.bfloat16))

@@ -19,7 +19,6 @@ Noise draw order (one seeded CPU ``torch.Generator``, so a seed gives the same v
 from __future__ import annotations
 
 import contextlib
-
 import math
 from typing import Callable, Optional, Sequence
 

@@ -1,0 +1,235 @@
+"""A warp-specialized SLA forward in Gluon (Triton 3.6's low-level dialect) against ours, in output and in time.
+
+    python bench/sla_ws.py [--res 720p 480p] [--topk 0.1]
+
+Why: our Triton SLA kernel runs its sparse part at ~450 TFLOP/s on the selected blocks (25 ms of the 720p
+forward): Triton keeps every warp of the CTA on the same step, so the tensor cores wait while the softmax runs.
+Here the CTA is split by role, as FlashAttention-3 does:
+  * one loader warp brings the 128-row query tile once, then the K and V tiles of each selected 64-row key block
+    (the block map's LUT) by TMA into a ring of STAGES buffers;
+  * two consumer warpgroups own 64 query rows each and run S = Q K^T (wgmma), the online softmax, and
+    O += P V (wgmma, P from registers); they meet only at the loader's mbarriers, so one's softmax overlaps the
+    other's matmuls.
+The sparse kernel writes the softmax branch o_s (rounded to bf16, as the reference does); a small Triton kernel
+then adds the linear branch and proj_l with our kernels' own epilogue (`sla_common.linear_branch_and_store`), so the
+output is ours up to the order of bf16 sums. The script checks that (relative L2 and max difference against
+`sla_attention_triton`) and times both, with the block map and key statistics shared.
+Limits of this first version: bf16, head dim 128, one key block (64) per step, B = 1 or batch-contiguous q/k/v.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+import common
+from turbowan.kernels.sla_common import block_lut, key_stats, linear_branch_and_store
+from turbowan.kernels.sla_contract import LOG2E
+from turbowan.kernels.sla_triton import sla_attention_triton
+
+BLKQ = gl.constexpr(128)
+BLKK = gl.constexpr(64)
+HEAD = gl.constexpr(128)
+HALF_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row,
+            col, out_ptr, L, sol, qk_scale_log2):
+    stages: gl.constexpr = k_bufs.type.shape[0]
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, col], q_bar, q_smem)
+    for j in range(n_sel):
+        s = j % stages
+        mbarrier.wait(empty.index(s), ((j // stages) & 1) ^ 1)  # a fresh barrier counts as freed
+        row = kv_row + gl.load(lut_ptr + j) * BLKK
+        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, col], ready.index(s), k_bufs.index(s))
+        tma.async_copy_global_to_shared(v_desc, [row, col], ready.index(s), v_bufs.index(s))
+
+
+# Partition functions share one signature and cannot carry constexpr arguments through the fork, so the two
+# consumers are two thin functions over one body with the half as a literal.
+@gluon.jit
+def _consumer_top(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row,
+                  kv_row, col, out_ptr, L, sol, qk_scale_log2):
+    _attend(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L, sol,
+            qk_scale_log2, 0)
+
+
+@gluon.jit
+def _consumer_bottom(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row,
+                     kv_row, col, out_ptr, L, sol, qk_scale_log2):
+    _attend(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L, sol,
+            qk_scale_log2, 1)
+
+
+@gluon.jit
+def _attend(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L, sol,
+            qk_scale_log2, HALF: gl.constexpr):
+    stages: gl.constexpr = k_bufs.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLKK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    mbarrier.wait(q_bar, 0)
+    q = q_smem.slice(HALF * HALF_ROWS, HALF_ROWS)  # [64, 128] bf16: this warpgroup's query rows
+    m_i = gl.full([HALF_ROWS], float("-inf"), gl.float32, s_rows)
+    l_i = gl.zeros([HALF_ROWS], gl.float32, s_rows)
+    acc = gl.zeros([HALF_ROWS, HEAD], gl.float32, o_layout)
+    key_in_block = gl.arange(0, BLKK, layout=gl.SliceLayout(0, s_layout))
+    for j in range(n_sel):
+        s_idx = j % stages
+        mbarrier.wait(ready.index(s_idx), (j // stages) & 1)
+        block = gl.load(lut_ptr + j)
+        s = warpgroup_mma(q, k_bufs.index(s_idx).permute((1, 0)),
+                          gl.zeros([HALF_ROWS, BLKK], gl.float32, s_layout), use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))  # unscaled q.k, fp32
+        real = gl.expand_dims(block * BLKK + key_in_block < L, 0)  # the partial last block (and any rows past it)
+        s = gl.where(real, s, float("-inf"))
+        # the same online softmax as ours: max of the scaled scores, exp2 with the scale folded in
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale_log2)
+        p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+        o = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_bufs.index(s_idx), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(o,))
+        mbarrier.arrive(empty.index(s_idx), count=1)  # both matmuls on this slot are done
+        m_i = m_new
+    o_s = (acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)).to(gl.bfloat16)  # rounded, as the reference
+    local = q_row - kv_row + HALF * HALF_ROWS + gl.arange(0, HALF_ROWS, layout=o_rows)  # rows of this batch entry
+    d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, o_layout))
+    ptrs = out_ptr + gl.expand_dims((kv_row + local).to(gl.int64) * sol, 1) + col + gl.expand_dims(d, 0)
+    keep = gl.expand_dims(local < L, 1) & gl.expand_dims(d < HEAD, 0)  # rows past L (a partial last block): none
+    gl.store(ptrs, o_s, mask=keep)
+
+
+@gluon.jit
+def _sla_sparse_ws_kernel(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
+                          STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    qblk = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_row = b * L + qblk * BLKQ
+    kv_row = b * L
+    col = h * HEAD
+    lut = lut_ptr + (bh * n_qblocks + qblk).to(gl.int64) * n_sel
+
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLKQ, HEAD], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLKK, HEAD], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLKK, HEAD], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+
+    args = (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut, n_sel, q_row, kv_row, col,
+            out_ptr, L, sol, qk_scale_log2)
+    gl.warp_specialize([
+        (_consumer_top, args),  # the default partition: the kernel's own 4 warps
+        (_consumer_bottom, args),
+        (_loader, args),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+@triton.jit
+def _linear_epilogue_kernel(Q, KV, KSUM, W, BIAS, OUT, L, H, sqb, sql, sqh, sob, sol, soh,
+                            BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """out = o_s (already in OUT) + proj_l(linear branch of q): our kernels' epilogue, in place, per query block."""
+    qblk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q_real = offs_m < L
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=q_real[:, None], other=0.0)
+    o_s = tl.load(OUT + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], mask=q_real[:, None], other=0.0)
+    linear_branch_and_store(q.to(tl.bfloat16), o_s, KV, KSUM, W, BIAS, OUT, bh, b, h, offs_m, offs_d, q_real,
+                            sob, sol, soh, BLOCK_M, D, False, False)
+
+
+def _rows_view(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, D) -> the [B*L, H*D] matrix TMA reads (needs B == 1 or batch entries back to back)."""
+    b, length, h, d = x.shape
+    if x.stride(3) != 1 or x.stride(2) != d or (b > 1 and x.stride(0) != length * x.stride(1)):
+        raise ValueError("sla_ws needs (B, L, H, D) with contiguous heads and batch entries back to back")
+    return x.as_strided((b * length, h * d), (x.stride(1), 1))
+
+
+def sla_attention_ws(q, k, v, proj_l_weight, proj_l_bias, topk, stages=3, consumer_regs=240, maxnreg=168):
+    b, length, h, d = q.shape
+    if q.dtype != torch.bfloat16 or d != 128:
+        raise ValueError("sla_ws handles bf16 with head dim 128")
+    k_mean, k_sum, kv = key_stats(k, v, torch.bfloat16)
+    lut, count = block_lut(q, k, k_mean, topk, 128, 64)
+    lut = lut.to(torch.int32).contiguous()
+    out = torch.empty(b, length, h, d, dtype=q.dtype, device=q.device)
+    n_qblocks = lut.shape[1]
+    q_layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.bfloat16)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
+    q_desc = TensorDescriptor.from_tensor(_rows_view(q), [128, 128], q_layout)
+    k_desc = TensorDescriptor.from_tensor(_rows_view(k), [64, 128], kv_layout)
+    v_desc = TensorDescriptor.from_tensor(_rows_view(v), [64, 128], kv_layout)
+    _sla_sparse_ws_kernel[(n_qblocks, b * h)](q_desc, k_desc, v_desc, lut, out, length, h, count, n_qblocks,
+                                              out.stride(1), d**-0.5 * LOG2E, STAGES=stages,
+                                              CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg)
+    _linear_epilogue_kernel[(n_qblocks, b * h)](
+        q, kv, k_sum, proj_l_weight.to(torch.bfloat16).contiguous(), proj_l_bias.to(torch.bfloat16).contiguous(),
+        out, length, h, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_M=128, D=d, num_warps=8)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--res", nargs="+", default=["720p", "480p"], choices=["720p", "480p"])
+    ap.add_argument("--topk", type=float, default=0.1)
+    args = ap.parse_args()
+    tokens = {"720p": 21 * 45 * 80, "480p": 21 * 30 * 52}
+    g = torch.Generator("cuda").manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"40 heads x 128, topk {args.topk}")
+    print("| res | kernel | config | ms | rel L2 vs ours | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for res in args.res:
+        shape = (1, tokens[res], 40, 128)
+        q, k, v = (torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+        w = (torch.randn(128, 128, device="cuda", generator=g) / 128**0.5).to(torch.bfloat16)
+        bias = torch.zeros(128, device="cuda", dtype=torch.bfloat16)
+        ours = sla_attention_triton(q, k, v, w, bias, args.topk)
+        ms = common.median_ms(lambda: sla_attention_triton(q, k, v, w, bias, args.topk), reps=10, warmup=2)
+        print(f"| {res} | ours (Triton) | default | {ms:.2f} | - | - |", flush=True)
+        for stages, regs in ((3, 240), (4, 240), (2, 240)):
+            cfg = f"stages {stages}, consumer regs {regs}"
+            try:
+                got = sla_attention_ws(q, k, v, w, bias, args.topk, stages=stages, consumer_regs=regs)
+                torch.cuda.synchronize()
+            except Exception as exc:  # report and go on
+                print(f"| {res} | Gluon warp-specialized | {cfg} | failed: {type(exc).__name__}: {str(exc)[:300]} "
+                      "| | |", flush=True)
+                continue
+            rel = float((got.float() - ours.float()).norm() / ours.float().norm())
+            diff = float((got.float() - ours.float()).abs().max())
+            ms = common.median_ms(lambda: sla_attention_ws(q, k, v, w, bias, args.topk, stages=stages,
+                                                           consumer_regs=regs), reps=10, warmup=2)
+            print(f"| {res} | Gluon warp-specialized | {cfg} | {ms:.2f} | {rel:.1e} | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

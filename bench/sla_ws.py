@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
+                                                             warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import common
@@ -117,8 +118,75 @@ def _attend(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, 
 
 
 @gluon.jit
-def _sla_sparse_ws_kernel(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
-                          STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+def _consumer_top_pipelined(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel,
+                            q_row, kv_row, col, out_ptr, L, sol, qk_scale_log2):
+    _attend_pipelined(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L,
+                      sol, qk_scale_log2, 0)
+
+
+@gluon.jit
+def _consumer_bottom_pipelined(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel,
+                               q_row, kv_row, col, out_ptr, L, sol, qk_scale_log2):
+    _attend_pipelined(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L,
+                      sol, qk_scale_log2, 1)
+
+
+@gluon.jit
+def _attend_pipelined(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L,
+                      sol, qk_scale_log2, HALF: gl.constexpr):
+    """`_attend` with FlashAttention-3's intra-warpgroup overlap: S of the next key block is issued before the
+    softmax of this one, so the softmax runs while the tensor cores compute it. The last step issues a spare S on
+    its own block (one extra QK^T per query block) instead of branching."""
+    stages: gl.constexpr = k_bufs.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLKK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    mbarrier.wait(q_bar, 0)
+    q = q_smem.slice(HALF * HALF_ROWS, HALF_ROWS)
+    m_i = gl.full([HALF_ROWS], float("-inf"), gl.float32, s_rows)
+    l_i = gl.zeros([HALF_ROWS], gl.float32, s_rows)
+    # carried through the loop as an in-flight wgmma result (the PV of the previous step)
+    acc = warpgroup_mma_init(gl.zeros([HALF_ROWS, HEAD], gl.float32, o_layout))
+    key_in_block = gl.arange(0, BLKK, layout=gl.SliceLayout(0, s_layout))
+    mbarrier.wait(ready.index(0), 0)
+    s_next = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), gl.zeros([HALF_ROWS, BLKK], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+    for j in range(n_sel):
+        s_idx = j % stages
+        # S_j and the previous PV are done: the previous block's slot goes back to the loader
+        s, acc = warpgroup_mma_wait(0, deps=(s_next, acc))
+        mbarrier.arrive(empty.index((j + stages - 1) % stages), count=1, pred=j > 0)
+        nxt = gl.minimum(j + 1, n_sel - 1)
+        mbarrier.wait(ready.index(nxt % stages), (nxt // stages) & 1)
+        s_next = warpgroup_mma(q, k_bufs.index(nxt % stages).permute((1, 0)),
+                               gl.zeros([HALF_ROWS, BLKK], gl.float32, s_layout), use_acc=False, is_async=True)
+        block = gl.load(lut_ptr + j)
+        s = gl.where(gl.expand_dims(block * BLKK + key_in_block < L, 0), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale_log2)
+        p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_bufs.index(s_idx), acc,
+                            is_async=True)
+        m_i = m_new
+    _, acc = warpgroup_mma_wait(0, deps=(s_next, acc))
+    o_s = (acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)).to(gl.bfloat16)
+    local = q_row - kv_row + HALF * HALF_ROWS + gl.arange(0, HALF_ROWS, layout=o_rows)
+    d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, o_layout))
+    ptrs = out_ptr + gl.expand_dims((kv_row + local).to(gl.int64) * sol, 1) + col + gl.expand_dims(d, 0)
+    gl.store(ptrs, o_s, mask=gl.expand_dims(local < L, 1) & gl.expand_dims(d < HEAD, 0))
+
+
+@gluon.jit
+def _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
+                    STAGES: gl.constexpr):
+    """This program's query block and head, its shared buffers and barriers: the arguments of every partition."""
     qblk = gl.program_id(0)
     bh = gl.program_id(1)
     b = bh // H
@@ -138,14 +206,29 @@ def _sla_sparse_ws_kernel(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel,
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
-
-    args = (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut, n_sel, q_row, kv_row, col,
+    return (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut, n_sel, q_row, kv_row, col,
             out_ptr, L, sol, qk_scale_log2)
-    gl.warp_specialize([
-        (_consumer_top, args),  # the default partition: the kernel's own 4 warps
-        (_consumer_bottom, args),
-        (_loader, args),
-    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+@gluon.jit
+def _sla_sparse_ws_kernel(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
+                          STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    args = _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
+                           STAGES)
+    gl.warp_specialize([(_consumer_top, args), (_consumer_bottom, args), (_loader, args)], [4, 1],
+                       [CONSUMER_REGS, 24])
+
+
+@gluon.jit
+def _sla_sparse_ws_pipelined_kernel(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol,
+                                    qk_scale_log2, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    args = _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
+                           STAGES)
+    gl.warp_specialize([(_consumer_top_pipelined, args), (_consumer_bottom_pipelined, args), (_loader, args)],
+                       [4, 1], [CONSUMER_REGS, 24])
+
+
+KERNELS = {"plain": _sla_sparse_ws_kernel, "pipelined": _sla_sparse_ws_pipelined_kernel}
 
 
 @triton.jit
@@ -172,7 +255,8 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.as_strided((b * length, h * d), (x.stride(1), 1))
 
 
-def sla_attention_ws(q, k, v, proj_l_weight, proj_l_bias, topk, stages=3, consumer_regs=240, maxnreg=168):
+def sla_attention_ws(q, k, v, proj_l_weight, proj_l_bias, topk, stages=3, consumer_regs=240, maxnreg=168,
+                     consumers="pipelined"):
     b, length, h, d = q.shape
     if q.dtype != torch.bfloat16 or d != 128:
         raise ValueError("sla_ws handles bf16 with head dim 128")
@@ -186,9 +270,9 @@ def sla_attention_ws(q, k, v, proj_l_weight, proj_l_bias, topk, stages=3, consum
     q_desc = TensorDescriptor.from_tensor(_rows_view(q), [128, 128], q_layout)
     k_desc = TensorDescriptor.from_tensor(_rows_view(k), [64, 128], kv_layout)
     v_desc = TensorDescriptor.from_tensor(_rows_view(v), [64, 128], kv_layout)
-    _sla_sparse_ws_kernel[(n_qblocks, b * h)](q_desc, k_desc, v_desc, lut, out, length, h, count, n_qblocks,
+    KERNELS[consumers][(n_qblocks, b * h)](q_desc, k_desc, v_desc, lut, out, length, h, count, n_qblocks,
                                               out.stride(1), d**-0.5 * LOG2E, STAGES=stages,
-                                              CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg)
+                                           CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg)
     _linear_epilogue_kernel[(n_qblocks, b * h)](
         q, kv, k_sum, proj_l_weight.to(torch.bfloat16).contiguous(), proj_l_bias.to(torch.bfloat16).contiguous(),
         out, length, h, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -215,10 +299,12 @@ def main():
         ours = sla_attention_triton(q, k, v, w, bias, args.topk)
         ms = common.median_ms(lambda: sla_attention_triton(q, k, v, w, bias, args.topk), reps=10, warmup=2)
         print(f"| {res} | ours (Triton) | default | {ms:.2f} | - | - |", flush=True)
-        for stages, regs in ((3, 240), (4, 240), (2, 240)):
-            cfg = f"stages {stages}, consumer regs {regs}"
+        for consumers, stages, regs in (("plain", 3, 240), ("pipelined", 3, 240), ("pipelined", 4, 240),
+                                        ("pipelined", 2, 240)):
+            cfg = f"{consumers}, stages {stages}, consumer regs {regs}"
             try:
-                got = sla_attention_ws(q, k, v, w, bias, args.topk, stages=stages, consumer_regs=regs)
+                got = sla_attention_ws(q, k, v, w, bias, args.topk, stages=stages, consumer_regs=regs,
+                                       consumers=consumers)
                 torch.cuda.synchronize()
             except Exception as exc:  # report and go on
                 print(f"| {res} | Gluon warp-specialized | {cfg} | failed: {type(exc).__name__}: {str(exc)[:300]} "
@@ -227,7 +313,8 @@ def main():
             rel = float((got.float() - ours.float()).norm() / ours.float().norm())
             diff = float((got.float() - ours.float()).abs().max())
             ms = common.median_ms(lambda: sla_attention_ws(q, k, v, w, bias, args.topk, stages=stages,
-                                                           consumer_regs=regs), reps=10, warmup=2)
+                                                           consumer_regs=regs, consumers=consumers),
+                                  reps=10, warmup=2)
             print(f"| {res} | Gluon warp-specialized | {cfg} | {ms:.2f} | {rel:.1e} | {diff:.1e} |", flush=True)
 
 

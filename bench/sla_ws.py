@@ -14,7 +14,8 @@ The sparse kernel writes the softmax branch o_s (rounded to bf16, as the referen
 then adds the linear branch and proj_l with our kernels' own epilogue (`sla_common.linear_branch_and_store`), so the
 output is ours up to the order of bf16 sums. The script checks that (relative L2 and max difference against
 `sla_attention_triton`) and times both, with the block map and key statistics shared.
-Limits of this first version: bf16, head dim 128, one key block (64) per step, B = 1 or batch-contiguous q/k/v.
+Limits of this first version: bf16, head dim 128, B = 1 or batch-contiguous q/k/v. Variants: one or two 64-row
+key blocks per step (`pair`), plain or pipelined consumers.
 """
 
 from __future__ import annotations
@@ -45,15 +46,33 @@ HALF_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup
 def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row,
             col, out_ptr, L, sol, qk_scale_log2):
     stages: gl.constexpr = k_bufs.type.shape[0]
+    pair: gl.constexpr = k_bufs.type.shape[1] // BLKK  # key blocks per step
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, col], q_bar, q_smem)
-    for j in range(n_sel):
+    for j in range(gl.cdiv(n_sel, pair)):
         s = j % stages
         mbarrier.wait(empty.index(s), ((j // stages) & 1) ^ 1)  # a fresh barrier counts as freed
-        row = kv_row + gl.load(lut_ptr + j) * BLKK
-        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, col], ready.index(s), k_bufs.index(s))
-        tma.async_copy_global_to_shared(v_desc, [row, col], ready.index(s), v_bufs.index(s))
+        mbarrier.expect(ready.index(s), pair * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+        for i in gl.static_range(pair):
+            # an unpaired tail step loads the last block again; the consumers mask it out
+            row = kv_row + gl.load(lut_ptr + gl.minimum(j * pair + i, n_sel - 1)) * BLKK
+            tma.async_copy_global_to_shared(k_desc, [row, col], ready.index(s), k_bufs.index(s).slice(i * BLKK, BLKK))
+            tma.async_copy_global_to_shared(v_desc, [row, col], ready.index(s), v_bufs.index(s).slice(i * BLKK, BLKK))
+
+
+@gluon.jit
+def _mask_keys(s, lut_ptr, j, n_sel, L, pair: gl.constexpr, s_layout: gl.constexpr):
+    """Scores of key rows that do not exist (past L in a partial last block, or an unpaired tail's repeat) -> -inf."""
+    column = gl.arange(0, BLKK * pair, layout=gl.SliceLayout(0, s_layout))
+    key = gl.zeros_like(column)  # the key row of each score column (column // BLKK picks the block)
+    real = column < 0
+    for i in gl.static_range(pair):
+        step = j * pair + i
+        block = gl.load(lut_ptr + gl.minimum(step, n_sel - 1))
+        mine = column // BLKK == i
+        key = gl.where(mine, block * BLKK + column % BLKK, key)
+        real = gl.where(mine, step < n_sel, real)
+    return gl.where(gl.expand_dims(real & (key < L), 0), s, float("-inf"))
 
 
 # Partition functions share one signature and cannot carry constexpr arguments through the fork, so the two
@@ -76,8 +95,10 @@ def _consumer_bottom(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, read
 def _attend(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L, sol,
             qk_scale_log2, HALF: gl.constexpr):
     stages: gl.constexpr = k_bufs.type.shape[0]
+    block_n: gl.constexpr = k_bufs.type.shape[1]  # keys per step: `pair` blocks of BLKK
+    pair: gl.constexpr = block_n // BLKK
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLKK, 16])
+                                                       instr_shape=[16, block_n, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -89,16 +110,13 @@ def _attend(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, 
     m_i = gl.full([HALF_ROWS], float("-inf"), gl.float32, s_rows)
     l_i = gl.zeros([HALF_ROWS], gl.float32, s_rows)
     acc = gl.zeros([HALF_ROWS, HEAD], gl.float32, o_layout)
-    key_in_block = gl.arange(0, BLKK, layout=gl.SliceLayout(0, s_layout))
-    for j in range(n_sel):
+    for j in range(gl.cdiv(n_sel, pair)):
         s_idx = j % stages
         mbarrier.wait(ready.index(s_idx), (j // stages) & 1)
-        block = gl.load(lut_ptr + j)
         s = warpgroup_mma(q, k_bufs.index(s_idx).permute((1, 0)),
-                          gl.zeros([HALF_ROWS, BLKK], gl.float32, s_layout), use_acc=False, is_async=True)
+                          gl.zeros([HALF_ROWS, block_n], gl.float32, s_layout), use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))  # unscaled q.k, fp32
-        real = gl.expand_dims(block * BLKK + key_in_block < L, 0)  # the partial last block (and any rows past it)
-        s = gl.where(real, s, float("-inf"))
+        s = _mask_keys(s, lut_ptr, j, n_sel, L, pair, s_layout)
         # the same online softmax as ours: max of the scaled scores, exp2 with the scale folded in
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale_log2)
         p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_new, 1))
@@ -138,8 +156,10 @@ def _attend_pipelined(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_se
     softmax of this one, so the softmax runs while the tensor cores compute it. The last step issues a spare S on
     its own block (one extra QK^T per query block) instead of branching."""
     stages: gl.constexpr = k_bufs.type.shape[0]
+    block_n: gl.constexpr = k_bufs.type.shape[1]  # keys per step: `pair` blocks of BLKK
+    pair: gl.constexpr = block_n // BLKK
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLKK, 16])
+                                                       instr_shape=[16, block_n, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -152,21 +172,20 @@ def _attend_pipelined(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_se
     l_i = gl.zeros([HALF_ROWS], gl.float32, s_rows)
     # carried through the loop as an in-flight wgmma result (the PV of the previous step)
     acc = warpgroup_mma_init(gl.zeros([HALF_ROWS, HEAD], gl.float32, o_layout))
-    key_in_block = gl.arange(0, BLKK, layout=gl.SliceLayout(0, s_layout))
+    n_steps = gl.cdiv(n_sel, pair)
     mbarrier.wait(ready.index(0), 0)
-    s_next = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), gl.zeros([HALF_ROWS, BLKK], gl.float32, s_layout),
+    s_next = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), gl.zeros([HALF_ROWS, block_n], gl.float32, s_layout),
                            use_acc=False, is_async=True)
-    for j in range(n_sel):
+    for j in range(n_steps):
         s_idx = j % stages
         # S_j and the previous PV are done: the previous block's slot goes back to the loader
         s, acc = warpgroup_mma_wait(0, deps=(s_next, acc))
         mbarrier.arrive(empty.index((j + stages - 1) % stages), count=1, pred=j > 0)
-        nxt = gl.minimum(j + 1, n_sel - 1)
+        nxt = gl.minimum(j + 1, n_steps - 1)
         mbarrier.wait(ready.index(nxt % stages), (nxt // stages) & 1)
         s_next = warpgroup_mma(q, k_bufs.index(nxt % stages).permute((1, 0)),
-                               gl.zeros([HALF_ROWS, BLKK], gl.float32, s_layout), use_acc=False, is_async=True)
-        block = gl.load(lut_ptr + j)
-        s = gl.where(gl.expand_dims(block * BLKK + key_in_block < L, 0), s, float("-inf"))
+                               gl.zeros([HALF_ROWS, block_n], gl.float32, s_layout), use_acc=False, is_async=True)
+        s = _mask_keys(s, lut_ptr, j, n_sel, L, pair, s_layout)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale_log2)
         p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
@@ -185,7 +204,7 @@ def _attend_pipelined(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_se
 
 @gluon.jit
 def _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
-                    STAGES: gl.constexpr):
+                    STAGES: gl.constexpr, PAIR: gl.constexpr):
     """This program's query block and head, its shared buffers and barriers: the arguments of every partition."""
     qblk = gl.program_id(0)
     bh = gl.program_id(1)
@@ -197,8 +216,8 @@ def _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qbl
     lut = lut_ptr + (bh * n_qblocks + qblk).to(gl.int64) * n_sel
 
     q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLKQ, HEAD], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLKK, HEAD], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLKK, HEAD], v_desc.layout)
+    k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, PAIR * BLKK, HEAD], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, PAIR * BLKK, HEAD], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -212,18 +231,19 @@ def _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qbl
 
 @gluon.jit
 def _sla_sparse_ws_kernel(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
-                          STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                          STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PAIR: gl.constexpr):
     args = _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
-                           STAGES)
+                           STAGES, PAIR)
     gl.warp_specialize([(_consumer_top, args), (_consumer_bottom, args), (_loader, args)], [4, 1],
                        [CONSUMER_REGS, 24])
 
 
 @gluon.jit
 def _sla_sparse_ws_pipelined_kernel(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol,
-                                    qk_scale_log2, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                                    qk_scale_log2, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                    PAIR: gl.constexpr):
     args = _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
-                           STAGES)
+                           STAGES, PAIR)
     gl.warp_specialize([(_consumer_top_pipelined, args), (_consumer_bottom_pipelined, args), (_loader, args)],
                        [4, 1], [CONSUMER_REGS, 24])
 
@@ -256,7 +276,7 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def sla_attention_ws(q, k, v, proj_l_weight, proj_l_bias, topk, stages=3, consumer_regs=240, maxnreg=168,
-                     consumers="pipelined"):
+                     consumers="pipelined", pair=1):
     b, length, h, d = q.shape
     if q.dtype != torch.bfloat16 or d != 128:
         raise ValueError("sla_ws handles bf16 with head dim 128")
@@ -272,7 +292,7 @@ def sla_attention_ws(q, k, v, proj_l_weight, proj_l_bias, topk, stages=3, consum
     v_desc = TensorDescriptor.from_tensor(_rows_view(v), [64, 128], kv_layout)
     KERNELS[consumers][(n_qblocks, b * h)](q_desc, k_desc, v_desc, lut, out, length, h, count, n_qblocks,
                                               out.stride(1), d**-0.5 * LOG2E, STAGES=stages,
-                                           CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg)
+                                           CONSUMER_REGS=consumer_regs, PAIR=pair, num_warps=4, maxnreg=maxnreg)
     _linear_epilogue_kernel[(n_qblocks, b * h)](
         q, kv, k_sum, proj_l_weight.to(torch.bfloat16).contiguous(), proj_l_bias.to(torch.bfloat16).contiguous(),
         out, length, h, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -299,12 +319,13 @@ def main():
         ours = sla_attention_triton(q, k, v, w, bias, args.topk)
         ms = common.median_ms(lambda: sla_attention_triton(q, k, v, w, bias, args.topk), reps=10, warmup=2)
         print(f"| {res} | ours (Triton) | default | {ms:.2f} | - | - |", flush=True)
-        for consumers, stages, regs in (("plain", 3, 240), ("pipelined", 3, 240), ("pipelined", 4, 240),
-                                        ("pipelined", 2, 240)):
-            cfg = f"{consumers}, stages {stages}, consumer regs {regs}"
+        for consumers, pair, stages in (("plain", 1, 3), ("pipelined", 1, 3), ("pipelined", 1, 4),
+                                        ("plain", 2, 2), ("pipelined", 2, 2)):
+            regs = 240
+            cfg = f"{consumers}, {64 * pair} keys per step, stages {stages}"
             try:
                 got = sla_attention_ws(q, k, v, w, bias, args.topk, stages=stages, consumer_regs=regs,
-                                       consumers=consumers)
+                                       consumers=consumers, pair=pair)
                 torch.cuda.synchronize()
             except Exception as exc:  # report and go on
                 print(f"| {res} | Gluon warp-specialized | {cfg} | failed: {type(exc).__name__}: {str(exc)[:300]} "
@@ -313,7 +334,7 @@ def main():
             rel = float((got.float() - ours.float()).norm() / ours.float().norm())
             diff = float((got.float() - ours.float()).abs().max())
             ms = common.median_ms(lambda: sla_attention_ws(q, k, v, w, bias, args.topk, stages=stages,
-                                                           consumer_regs=regs, consumers=consumers),
+                                                           consumer_regs=regs, consumers=consumers, pair=pair),
                                   reps=10, warmup=2)
             print(f"| {res} | Gluon warp-specialized | {cfg} | {ms:.2f} | {rel:.1e} | {diff:.1e} |", flush=True)
 

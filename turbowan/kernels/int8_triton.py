@@ -106,9 +106,14 @@ def _store_output(y_ptr, acc, bias_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: t
 
 @triton.jit
 def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile (pid_m, pid_n) in grouped order: GROUP_M row tiles sweep the N tiles together,
-    so operand tiles are reused from L2."""
-    pid = tl.program_id(0)
+    """This program's output tile (pid_m, pid_n) in grouped order (`tile_coords` of its program id)."""
+    return tile_coords(tl.program_id(0), M, N, BM, BN, GROUP_M)
+
+
+@triton.jit
+def tile_coords(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile number ``pid`` as (pid_m, pid_n) in grouped order: GROUP_M row tiles sweep the N tiles
+    together, so operand tiles are reused from L2."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     per_group = GROUP_M * num_n

@@ -17,6 +17,17 @@ from turbowan.kernels import triton_runnable
 REPO = Path(__file__).resolve().parents[1]
 
 
+def bench_module(name: str) -> types.ModuleType:
+    """bench/<name>.py imported as its scripts see each other (bench/ on sys.path while it imports)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
 def fixtures_dir() -> Path:
     """The reference fixtures: $TURBOWAN_FIXTURES, else the copy in tests/fixtures (data made by the reference).
 

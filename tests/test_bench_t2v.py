@@ -1,19 +1,13 @@
 """bench/t2v.py (run once on an H200 by hand) works end to end in its tiny CPU mode, and refuses a missing
 reference checkout before any work."""
 
-import importlib
-import sys
 
 import pytest
-from helpers import REPO
+from helpers import bench_module
 
 
 def _bench():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        return importlib.import_module("t2v")
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    return bench_module("t2v")
 
 
 def test_tiny_cpu_run_gives_every_figure_of_ours(tmp_path):

@@ -1,22 +1,16 @@
 """bench/vae.py's candidate for the VAE's 3D convolutions (taps stacked into one 2D convolution) computes what
 `CausalConv3d` computes, chunk after chunk, in both memory layouts, before it is ever timed on a GPU."""
 
-import importlib
-import sys
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import bench_module
 
 from turbowan.models.vae import CausalConv3d
 
 
 def _bench():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        return importlib.import_module("vae")
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    return bench_module("vae")
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])

@@ -32,7 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import common
-from turbowan.kernels.sla_common import block_lut, key_stats, linear_branch_and_store
+from turbowan.kernels.sla_common import block_lut, key_stats, linear_branch_and_store, load_row_block
 from turbowan.kernels.sla_contract import LOG2E
 from turbowan.kernels.sla_triton import sla_attention_triton
 
@@ -73,6 +73,28 @@ def _mask_keys(s, lut_ptr, j, n_sel, L, pair: gl.constexpr, s_layout: gl.constex
         key = gl.where(mine, block * BLKK + column % BLKK, key)
         real = gl.where(mine, step < n_sel, real)
     return gl.where(gl.expand_dims(real & (key < L), 0), s, float("-inf"))
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, acc, qk_scale_log2, o_rows: gl.constexpr):
+    """Our kernels' online softmax on one step's scores: the max of the scaled scores, exp2 with the scale folded
+    in, the running sum and the accumulator rescaled -> (p, m_new, l_i, acc)."""
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale_log2)
+    p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+
+
+@gluon.jit
+def _store_rows(acc, l_i, q_row, kv_row, col, out_ptr, L, sol, HALF: gl.constexpr, o_layout: gl.constexpr):
+    """o_s = acc / l, rounded to bf16 as the reference does, written for this warpgroup's rows that exist."""
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    o_s = (acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)).to(gl.bfloat16)
+    local = q_row - kv_row + HALF * HALF_ROWS + gl.arange(0, HALF_ROWS, layout=o_rows)  # rows of this batch entry
+    d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, o_layout))
+    ptrs = out_ptr + gl.expand_dims((kv_row + local).to(gl.int64) * sol, 1) + col + gl.expand_dims(d, 0)
+    gl.store(ptrs, o_s, mask=gl.expand_dims(local < L, 1) & gl.expand_dims(d < HEAD, 0))  # rows past L: none
 
 
 # Partition functions share one signature and cannot carry constexpr arguments through the fork, so the two
@@ -117,22 +139,11 @@ def _attend(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, 
                           gl.zeros([HALF_ROWS, block_n], gl.float32, s_layout), use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))  # unscaled q.k, fp32
         s = _mask_keys(s, lut_ptr, j, n_sel, L, pair, s_layout)
-        # the same online softmax as ours: max of the scaled scores, exp2 with the scale folded in
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale_log2)
-        p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale_log2, o_rows)
         o = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_bufs.index(s_idx), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o,))
         mbarrier.arrive(empty.index(s_idx), count=1)  # both matmuls on this slot are done
-        m_i = m_new
-    o_s = (acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)).to(gl.bfloat16)  # rounded, as the reference
-    local = q_row - kv_row + HALF * HALF_ROWS + gl.arange(0, HALF_ROWS, layout=o_rows)  # rows of this batch entry
-    d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, o_layout))
-    ptrs = out_ptr + gl.expand_dims((kv_row + local).to(gl.int64) * sol, 1) + col + gl.expand_dims(d, 0)
-    keep = gl.expand_dims(local < L, 1) & gl.expand_dims(d < HEAD, 0)  # rows past L (a partial last block): none
-    gl.store(ptrs, o_s, mask=keep)
+    _store_rows(acc, l_i, q_row, kv_row, col, out_ptr, L, sol, HALF, o_layout)
 
 
 @gluon.jit
@@ -186,20 +197,11 @@ def _attend_pipelined(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_se
         s_next = warpgroup_mma(q, k_bufs.index(nxt % stages).permute((1, 0)),
                                gl.zeros([HALF_ROWS, block_n], gl.float32, s_layout), use_acc=False, is_async=True)
         s = _mask_keys(s, lut_ptr, j, n_sel, L, pair, s_layout)
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale_log2)
-        p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale_log2, o_rows)
         acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_bufs.index(s_idx), acc,
                             is_async=True)
-        m_i = m_new
     _, acc = warpgroup_mma_wait(0, deps=(s_next, acc))
-    o_s = (acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)).to(gl.bfloat16)
-    local = q_row - kv_row + HALF * HALF_ROWS + gl.arange(0, HALF_ROWS, layout=o_rows)
-    d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, o_layout))
-    ptrs = out_ptr + gl.expand_dims((kv_row + local).to(gl.int64) * sol, 1) + col + gl.expand_dims(d, 0)
-    gl.store(ptrs, o_s, mask=gl.expand_dims(local < L, 1) & gl.expand_dims(d < HEAD, 0))
+    _store_rows(acc, l_i, q_row, kv_row, col, out_ptr, L, sol, HALF, o_layout)
 
 
 @gluon.jit
@@ -255,13 +257,8 @@ KERNELS = {"plain": _sla_sparse_ws_kernel, "pipelined": _sla_sparse_ws_pipelined
 def _linear_epilogue_kernel(Q, KV, KSUM, W, BIAS, OUT, L, H, sqb, sql, sqh, sob, sol, soh,
                             BLOCK_M: tl.constexpr, D: tl.constexpr):
     """out = o_s (already in OUT) + proj_l(linear branch of q): our kernels' epilogue, in place, per query block."""
-    qblk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    _, bh, offs_m, offs_d, q_real, q = load_row_block(Q, L, H, sqb, sql, sqh, BLOCK_M, D)
     b, h = bh // H, bh % H
-    offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    q_real = offs_m < L
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=q_real[:, None], other=0.0)
     o_s = tl.load(OUT + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], mask=q_real[:, None], other=0.0)
     linear_branch_and_store(q.to(tl.bfloat16), o_s, KV, KSUM, W, BIAS, OUT, bh, b, h, offs_m, offs_d, q_real,
                             sob, sol, soh, BLOCK_M, D, False, False)

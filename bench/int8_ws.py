@@ -141,18 +141,24 @@ def _w8a8_ws_kernel(a_desc, b_desc, xs_ptr, ws_ptr, y_ptr, bias_ptr, M, N, num_t
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
+def operand_descriptors(xq, wq):
+    """TMA descriptors of the int8 activations [M, K] and weights [N, K]; block shapes as plain ints (the host side
+    rejects constexpr-wrapped ones)."""
+    bm, bn, bk = BM.value, BN.value, BK.value
+    a_desc = TensorDescriptor.from_tensor(xq, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8))
+    b_desc = TensorDescriptor.from_tensor(wq, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    return a_desc, b_desc
+
+
 def w8a8_ws_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, stages=4, group_m=8, consumer_regs=232,
                  maxnreg=168, persistent=False):
     m, k = xq.shape
     n = wq.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    a_layout = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.int8)
-    b_layout = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.int8)
-    a_desc = TensorDescriptor.from_tensor(xq, [BM, BK], a_layout)
-    b_desc = TensorDescriptor.from_tensor(wq, [BN, BK], b_layout)
-    tiles = triton.cdiv(m, BM) * triton.cdiv(n, BN)
+    a_desc, b_desc = operand_descriptors(xq, wq)
+    tiles = triton.cdiv(m, BM.value) * triton.cdiv(n, BN.value)
     grid = (min(tiles, torch.cuda.get_device_properties(xq.device).multi_processor_count) if persistent else tiles,)
-    _w8a8_ws_kernel[grid](a_desc, b_desc, xs, ws, y, bias if bias is not None else y, m, n, tiles, k // BK,
+    _w8a8_ws_kernel[grid](a_desc, b_desc, xs, ws, y, bias if bias is not None else y, m, n, tiles, k // BK.value,
                           HAS_BIAS=bias is not None, STAGES=stages, GROUP_M=group_m, CONSUMER_REGS=consumer_regs,
                           num_warps=4, maxnreg=maxnreg)
     return y

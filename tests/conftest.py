@@ -43,6 +43,8 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"] - held(), state["free"]))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    # no fraction on the simulated cards (on a one-GPU machine the real call would fail for a second card)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
     yield state
     placement.release_all()
     ring.close()

@@ -19,8 +19,9 @@ dtype once, then the bias added in that dtype. tests/test_int8_gpu.py checks equ
 When it runs: `int8_triton.w8a8_gemm` asks `turbowan.kernels.w8a8_gemm_kernel` (compute capability 9.0, K a
 multiple of 128, bf16/fp16 output) and loads this module only then; everywhere else, or when this module does not
 load (no Gluon in the installed Triton, or a Triton whose Gluon API this was not written for), the Triton kernel
-runs. Compiled offline for sm_90a without spills (launch 168 registers; consumers 232, loader 24 via setmaxnreg).
-On an H200, M = 75,600, K = 5120, N = 13,824: 10.94 ms against the Triton kernel's 11.51 (bench/int8_ws.py).
+runs. Compiled offline for sm_90a without spills (tests/test_int8_gluon_compile.py: 168 registers at launch, then
+by setmaxnreg 248 and 232 for the consumers, 24 for the loader). On an H200, M = 75,600, K = 5120, N = 13,824:
+10.94 ms against the Triton kernel's 11.51 (bench/int8_ws.py, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ BK = gl.constexpr(128)
 CHUNK = gl.constexpr(128)  # output columns per wgmma: one 128-row weight tile, so one scale
 
 # Chosen on an H200 at the 720p FFN shape (bench/int8_ws.py): 3 stages (144 KB of shared memory), persistent grid.
-# CONSUMER_REGS is what setmaxnreg gives each consumer warpgroup; maxnreg caps the launch so that 168 x 4 warps x
-# 3 warpgroups fits the register file before the consumers grow and the loader shrinks to 24.
+# CONSUMER_REGS is what setmaxnreg gives the second consumer warpgroup (the first, the default partition, gets what
+# the loader's 24 leave); maxnreg is the launch's per-thread count, which must let all partitions start.
 GLUON_CONFIG = dict(STAGES=3, GROUP_M=8, PERSISTENT=True, CONSUMER_REGS=232, maxnreg=168)
 GLUON_TRITON = (3, 6)  # Gluon is experimental and its API moves between releases: the one this is written for
 

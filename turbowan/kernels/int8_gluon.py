@@ -43,8 +43,8 @@ BK = gl.constexpr(128)
 CHUNK = gl.constexpr(128)  # output columns per wgmma: one 128-row weight tile, so one scale
 
 # Chosen on an H200 at the 720p FFN shape (bench/int8_ws.py): 3 stages (144 KB of shared memory), persistent grid.
-# CONSUMER_REGS is what setmaxnreg gives the second consumer warpgroup (the first, the default partition, gets what
-# the loader's 24 leave); maxnreg is the launch's per-thread count, which must let all partitions start.
+# CONSUMER_REGS: the registers requested by setmaxnreg for the second consumer, a worker partition (the loader asks
+# for 24; the default partition, the first consumer, gets what is left); maxnreg: the per-thread count at launch.
 GLUON_CONFIG = dict(STAGES=3, GROUP_M=8, PERSISTENT=True, CONSUMER_REGS=232, maxnreg=168)
 GLUON_TRITON = (3, 6)  # Gluon is experimental and its API moves between releases: the one this is written for
 

@@ -1,4 +1,5 @@
-"""The Triton int8 kernels (CUDA only) reproduce the exact W8A8 emulation bit for bit."""
+"""The Triton int8 kernels (CUDA only) reproduce the exact W8A8 emulation bit for bit; on Hopper, so does the Gluon
+W8A8 GEMM that `w8a8_gemm` dispatches to there."""
 
 import pytest
 import torch
@@ -6,10 +7,11 @@ from helpers import fixtures_dir, gpu_module, kernel_module
 from safetensors.torch import load_file
 
 from turbowan.ops.int8 import (Int8Linear, dequantize_int8_blockwise, quantize_int8_blockwise,
-                               w8a8_linear_reference)
+                               w8a8_linear_reference, w8a8_matmul_reference)
 
 pytestmark = gpu_module()
 K = kernel_module("turbowan.kernels.int8_triton")
+G = kernel_module("turbowan.kernels.int8_gluon")
 
 # Every comparison below is exact (torch.equal): both sides do the same integer dots, the same fp32 fma per
 # 128-wide K block and the same round-to-nearest-even casts, so any difference is a bug, not rounding noise.
@@ -108,3 +110,51 @@ def test_shared_quantized_input_gives_each_layer_its_own_result():
     assert shared is not None
     for layer in layers:
         assert torch.equal(apply_linear(layer, x, shared), layer(x))
+
+
+# -- the Gluon W8A8 GEMM (Hopper) ---------------------------------------------------------------------------------
+
+# (M, K, N): ragged M and N; M = 1; and 17 x 11 = 187 output tiles, more than an H100/H200 has SMs, so persistent
+# programs run two tiles and carry the operand ring's phase from one to the next
+GLUON_SHAPES = [(1000, 512, 640), (129, 256, 130), (1, 256, 384), (2100, 384, 2600)]
+
+
+def _skip_unless_hopper():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon W8A8 GEMM is sm_90a code: Hopper (compute capability 9.0) only")
+
+
+def _gemm_operands(m, k, n, dtype, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    xq, xs = quantize_int8_blockwise(torch.randn(m, k, generator=g) * 3)
+    wq, ws = quantize_int8_blockwise(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    return tuple(t.cuda() if t is not None else None for t in (xq, xs, wq, ws, bias))
+
+
+@pytest.mark.parametrize("m,k,n", GLUON_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gluon_gemm_equals_the_triton_gemm_bit_for_bit(m, k, n, dtype, with_bias):
+    _skip_unless_hopper()
+    xq, xs, wq, ws, bias = _gemm_operands(m, k, n, dtype, with_bias, 6)
+    want = K.w8a8_gemm(xq, xs, wq, ws, bias, dtype, **K.GEMM_CONFIG)  # overrides: the Triton kernel
+    got = G.w8a8_gemm_gluon(xq, xs, wq, ws, bias, dtype)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # the bits, signed zeros included
+    per_tile = G.w8a8_gemm_gluon(xq, xs, wq, ws, bias, dtype, PERSISTENT=False)  # a program per output tile
+    assert torch.equal(per_tile.view(torch.int16), want.view(torch.int16))
+
+
+def test_w8a8_gemm_runs_gluon_on_hopper_and_triton_when_configured_or_unsupported():
+    xq, xs, wq, ws, bias = _gemm_operands(129, 256, 130, torch.bfloat16, True, 7)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert K.gemm_kernel(xq, torch.bfloat16, {}) == ("gluon" if hopper else "triton")
+    assert K.gemm_kernel(xq, torch.float16, {}) == ("gluon" if hopper else "triton")
+    assert K.gemm_kernel(xq, torch.bfloat16, {"num_stages": 3}) == "triton"  # Triton config overrides
+    assert K.gemm_kernel(xq, torch.float32, {}) == "triton"  # an output dtype the Gluon kernel does not take
+    # whichever runs, the dispatching entry point equals the emulation
+    want = (w8a8_matmul_reference(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu()).to(torch.bfloat16) + bias.cpu())
+    assert torch.equal(K.w8a8_gemm(xq, xs, wq, ws, bias, torch.bfloat16).cpu(), want)
+    assert torch.equal(K.w8a8_gemm(xq, xs, wq, ws, bias, torch.float32).cpu(),
+                       w8a8_matmul_reference(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu()) + bias.cpu().float())

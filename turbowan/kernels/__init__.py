@@ -1,4 +1,5 @@
-"""Optional GPU kernels (Triton). Imported lazily: the package works without Triton or CUDA.
+"""Optional GPU kernels (Triton; the Hopper W8A8 GEMM in Gluon, Triton's low-level dialect). Imported lazily: the
+package works without Triton or CUDA.
 
 Each ``*_dispatch()`` returns the fast function, or ``None`` when it cannot run here; the first failure is
 reported once with a one-line notice and the caller falls back to the pure-PyTorch path.
@@ -32,16 +33,16 @@ def triton_runnable() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(module: str, attr: str):
+def _load(module: str, attr: str, fallback: str = "the PyTorch path"):
     try:
         mod = importlib.import_module(f".{module}", __name__)
         fn = getattr(mod, attr)
         ok = mod.available()
     except Exception as exc:  # ImportError for triton, or a kernel module not present yet
-        log.warning("turbowan: %s unavailable (%s: %s); using the PyTorch path", module, type(exc).__name__, exc)
+        log.warning("turbowan: %s unavailable (%s: %s); using %s", module, type(exc).__name__, exc, fallback)
         return None
     if not ok:
-        log.warning("turbowan: %s unavailable on this machine; using the PyTorch path", module)
+        log.warning("turbowan: %s unavailable on this machine; using %s", module, fallback)
         return None
     return fn
 
@@ -83,5 +84,21 @@ def int8_quantize_dispatch():
 
 
 def int8_gemm_dispatch():
-    """W8A8 GEMM on pre-quantized activations ``f(x_q, x_scale, w_q, w_scale, bias, out_dtype) -> y``, or None."""
+    """W8A8 GEMM on pre-quantized activations ``f(x_q, x_scale, w_q, w_scale, bias, out_dtype) -> y``, or None.
+
+    Which kernel it runs is `w8a8_gemm_kernel`'s choice."""
     return _load("int8_triton", "w8a8_gemm")
+
+
+def w8a8_gemm_kernel(capability: tuple[int, int] | None, k: int, out_dtype: torch.dtype) -> str:
+    """The W8A8 GEMM for a device of this compute capability (None: not a CUDA device, e.g. Triton's interpreter):
+    "gluon", the warp-specialized kernel of `int8_gluon`, or "triton", the kernel of `int8_triton`.
+
+    Gluon needs compute capability 9.0 exactly (its sm_90a code uses Hopper's wgmma, TMA and setmaxnreg, which no
+    other card runs), K a multiple of 128 (whole K blocks; the Triton kernel refuses other K with the error) and a
+    bf16/fp16 output. The operands need no check here: both kernels receive them contiguous and 16-byte aligned
+    (`int8_triton.gemm_operands`), and with K a multiple of 128 so are the int8 row strides, as TMA requires.
+    """
+    if capability != (9, 0) or k % 128 or out_dtype not in (torch.bfloat16, torch.float16):
+        return "triton"
+    return "gluon"

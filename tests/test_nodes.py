@@ -28,7 +28,6 @@ import folder_paths  # noqa: E402
 
 from turbowan import comfy_nodes as nodes  # noqa: E402
 from turbowan import generate_i2v, placement, rcm_timesteps  # noqa: E402
-from turbowan.devices import indexed  # noqa: E402
 from turbowan.placement import Placement, tensor_bytes  # noqa: E402
 
 HIGH, LOW, HIGH_QUANT = "TurboWan2.2-I2V-tiny-high.pth", "TurboWan2.2-I2V-tiny-low.pth", "TurboWan2.2-I2V-tiny-high-quant.pth"
@@ -448,7 +447,7 @@ def test_queue_leaves_its_models_in_comfyuis_loaded_models(comfy_env, image):
     assert torch.equal(again, expected) and len(ours()) == 3
 
 
-CUDA = torch.device("cuda")
+CUDA = torch.device("cuda", 0)  # as ComfyUI names its card: torch.device(torch.cuda.current_device())
 
 
 def placement_only(mode: str):
@@ -590,8 +589,7 @@ def test_experts_on_two_cards_stay_there_and_are_registered_with_comfyui_on_each
     cards = torch.device("cuda", 0), torch.device("cuda", 1)
     assert seen == {"high": cards[0], "low": cards[1]}
     assert placement.resident_models(cards[0]) == [high] and placement.resident_models(cards[1]) == [low]
-    # ("cuda" and "cuda:0" name one card: on a GPU machine the double's ComfyUI device "cuda" is cuda:0)
-    assert {e.model.model: indexed(e.device) for e in mm.current_loaded_models} == {high: cards[0], low: cards[1]}
+    assert {e.model.model: e.device for e in mm.current_loaded_models} == {high: cards[0], low: cards[1]}
     mm.free_memory(1 << 60, cards[1])  # ComfyUI making room on the second card unloads the expert there
     assert placement.resident_models() == [high] and ours() == [high]
     mm.free_memory(1 << 60, cards[0])

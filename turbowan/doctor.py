@@ -262,7 +262,7 @@ def check_spargeattn() -> Check:
 
 
 def check_int8(device: torch.device) -> list[Check]:
-    """W8A8 (Triton on CUDA) against the exact emulation; W8A16 against an fp32 matmul of the same weights."""
+    """W8A8 (Triton, or Gluon on Hopper) against the exact emulation; W8A16 against an fp32 matmul of the same weights."""
     from .kernels import int8_dispatch
     from .ops.int8 import Int8Linear, dequantize_int8_blockwise, quantize_int8_blockwise, w8a8_linear_reference
 
@@ -295,6 +295,10 @@ def check_int8(device: torch.device) -> list[Check]:
         checks.append(Check(name, None, f"{reason}; W8A8 falls back to the slow exact emulation (use --quant w8a16)"))
         return checks
     args = (x.to(device), w_q.to(device), w_s.to(device), bias.to(device))
+    from .kernels.int8_triton import gemm_kernel  # importable: the dispatch above loaded it
+
+    if gemm_kernel(args[0], x.dtype, {}) == "gluon":
+        name = "int8 W8A8, our Gluon GEMM (Hopper)"
     checks.append(try_kernel(name, fn, args, exact, 1e-2, "the exact emulation"))
     return checks
 

@@ -4,6 +4,7 @@ multi-GPU command and ComfyUI paths compared with one GPU. One call on a 2-, 4- 
     python bench/multigpu.py --ranks 1,2,4                        # all parts (about 8 min on 2 H200s)
     python bench/multigpu.py --ranks 1,2 --parts sp               # only the per-rank-count figures
     python bench/multigpu.py --parts cli,comfy --dir /tmp/tw      # only the comparisons (files kept in --dir)
+    python bench/multigpu.py --ranks 1,2 --parts sp --sp-from-files --dir /tmp/tw   # ranks compared on those files
     python bench/multigpu.py --tiny --cpu --ranks 1,2             # every part on tiny models, gloo on the CPU
 
 Weights: the per-rank-count figures (part ``sp``) use full-size A14B experts with random weights built in
@@ -142,15 +143,20 @@ def _rank_figures(rank, world, opts, device, group, out_dir: Path) -> dict:
     quant = "w8a16" if device.type == "cpu" else "w8a8"
     attention = "original" if tiny else "sla"  # tiny clips are too short for SLA at top-k 0.1
     t = time.perf_counter()
-    high, low = (random_dit(config, dtype=dtype, quant=quant, attention=attention, sla_topk=0.1, device=device,
-                            seed=seed) for seed in (0, 1))
+    if opts.get("expert_files"):  # the released-layout files of the cli part: the experts the command runs
+        high, low = (turbowan.load_dit(opts["expert_files"][name], attention=attention, sla_topk=0.1, quant=quant,
+                                       dtype=dtype, device=device) for name in ("high", "low"))
+    else:
+        high, low = (random_dit(config, dtype=dtype, quant=quant, attention=attention, sla_topk=0.1, device=device,
+                                seed=seed) for seed in (0, 1))
     vae = random_vae(device, VAEConfig(dim=4) if tiny else None)
     if dtype == torch.float32:
         vae.model.float()
         vae._set_constants()
     say = (lambda *a: print(f"[{world} rank{'s' if world > 1 else ''}]", *a, flush=True)) if rank == 0 else (
         lambda *a: None)
-    say(f"built the experts and the VAE in {time.perf_counter() - t:.1f} s")
+    source = "loaded the experts from the command's files" if opts.get("expert_files") else "built the experts"
+    say(f"{source} and the VAE in {time.perf_counter() - t:.1f} s")
     out: dict = {}
     g = torch.Generator(device="cpu").manual_seed(0)
     text = torch.randn(1, 40, 4096, generator=g) * 0.1
@@ -347,6 +353,8 @@ def parse_args(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny models and clips (5 frames): a smoke run")
     ap.add_argument("--cpu", action="store_true", help="ranks on the CPU over gloo (with --tiny)")
     ap.add_argument("--no-save", action="store_true", help="print the table only, leave bench/results.json alone")
+    ap.add_argument("--sp-from-files", action="store_true", help="part sp loads the experts from the files in --dir "
+                    "(written first, as for cli) instead of building random ones in memory: the command's experts")
     args = ap.parse_args(argv)
     try:
         args.ranks = [int(r) for r in args.ranks.split(",")]
@@ -399,6 +407,8 @@ def main(argv=None) -> int:
         rows.append((name, value, how))
 
     t0 = time.perf_counter()
+    if args.sp_from_files and "sp" in args.parts:
+        opts["expert_files"] = write_files(folder, args.tiny, torch.device("cpu" if args.cpu else "cuda"))
     if "sp" in args.parts:
         with tempfile.TemporaryDirectory(prefix="multigpu-", dir=folder) as tmp:
             per = {w: run_rank_count(w, opts, Path(tmp)) for w in sorted(args.ranks)}

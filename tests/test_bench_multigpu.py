@@ -36,3 +36,16 @@ def test_bad_arguments_are_refused_with_the_reason(capsys):
     with pytest.raises(SystemExit):
         multigpu.parse_args(["--cpu", "--ranks", "1,2"])
     assert "add --tiny" in capsys.readouterr().err
+
+
+def test_the_rank_comparison_can_run_on_the_commands_expert_files(tmp_path, capfd, monkeypatch):
+    import multigpu
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert multigpu.main(["--tiny", "--cpu", "--ranks", "1,2", "--res", "720p", "--repeats", "1", "--parts", "sp",
+                          "--sp-from-files", "--dir", str(tmp_path), "--no-save"]) == 0
+    assert (tmp_path / "TurboWan2.2-I2V-A14B-high-720P-quant.pth").exists()  # written first, then loaded by each rank
+    out = capfd.readouterr().out
+    assert "[2 ranks] loaded the experts from the command's files" in out
+    line = next(x for x in out.splitlines() if x.startswith("| sp2_frames_whole_vae_vs_1_max_720p |"))
+    assert float(line.split("|")[2]) <= 1

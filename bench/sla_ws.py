@@ -1,6 +1,6 @@
 """A warp-specialized SLA forward in Gluon (Triton 3.6's low-level dialect) against ours, in output and in time.
 
-    python bench/sla_ws.py [--res 720p 480p] [--topk 0.1]
+    python bench/sla_ws.py [--res 720p 480p] [--topk 0.1] [--consumers plain pipelined pingpong]
 
 Why: our Triton SLA kernel runs its sparse part at ~450 TFLOP/s on the selected blocks (25 ms of the 720p
 forward): Triton keeps every warp of the CTA on the same step, so the tensor cores wait while the softmax runs.
@@ -15,7 +15,9 @@ then adds the linear branch and proj_l with our kernels' own epilogue (`sla_comm
 output is ours up to the order of bf16 sums. The script checks that (relative L2 and max difference against
 `sla_attention_triton`) and times both, with the block map and key statistics shared.
 Limits of this first version: bf16, head dim 128, B = 1 or batch-contiguous q/k/v. Variants: one or two 64-row
-key blocks per step (`pair`), plain or pipelined consumers.
+key blocks per step (`pair`); consumers plain, pipelined (FA3's intra-warpgroup overlap) or pingpong (FA3's
+inter-warpgroup schedule: named barriers make the two consumers take turns issuing their GEMMs, see
+`_attend_pingpong`; STAGES >= 2).
 """
 
 from __future__ import annotations
@@ -204,6 +206,125 @@ def _attend_pipelined(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_se
     _store_rows(acc, l_i, q_row, kv_row, col, out_ptr, L, sol, HALF, o_layout)
 
 
+# Named barriers of the ping-pong schedule: TURN_BARRIER + HALF is "warpgroup HALF may issue its GEMMs", counted
+# over 256 threads (one warpgroup's bar.sync, the other's bar.arrive). Triton's own ids in these kernels' PTX are
+# 0 (the default partition's thread barrier), 1 (warp_specialize's fork and join, whole CTA) and 2 (the bottom
+# consumer's thread barrier), so 8 and 9 are free; a CTA has 16.
+TURN_BARRIER = gl.constexpr(8)
+
+
+@gluon.jit
+def _turn_wait(bar_id):
+    """bar.sync: block this warpgroup until the other consumer has arrived on `bar_id` (its GEMMs are issued).
+    inline_asm needs a result; is_pure=False keeps it from being removed or merged."""
+    gl.inline_asm_elementwise("bar.sync $1, 256;\n\tmov.u32 $0, 0;", "=r,r", [bar_id], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _turn_pass(bar_id):
+    """bar.arrive: let the other consumer, waiting on `bar_id`, issue its GEMMs; this warpgroup does not wait."""
+    gl.inline_asm_elementwise("bar.arrive $1, 256;\n\tmov.u32 $0, 0;", "=r,r", [bar_id], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _consumer_top_pingpong(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel,
+                           q_row, kv_row, col, out_ptr, L, sol, qk_scale_log2):
+    _attend_pingpong(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L,
+                     sol, qk_scale_log2, 0)
+
+
+@gluon.jit
+def _consumer_bottom_pingpong(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel,
+                              q_row, kv_row, col, out_ptr, L, sol, qk_scale_log2):
+    _attend_pingpong(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L,
+                     sol, qk_scale_log2, 1)
+
+
+@gluon.jit
+def _attend_pingpong(q_smem, k_bufs, v_bufs, q_bar, ready, empty, lut_ptr, n_sel, q_row, kv_row, col, out_ptr, L,
+                     sol, qk_scale_log2, HALF: gl.constexpr):
+    """`_attend` with FlashAttention-3's inter-warpgroup ping-pong: each warpgroup's GEMMs are issued in windows
+    (window 0: S_0; window j: S_j and P_{j-1} V_{j-1}; window n: P_{n-1} V_{n-1}; n = steps), and the two
+    warpgroups' windows alternate, top first, by two named barriers, so one's softmax runs while the tensor cores
+    work on the other's GEMMs. Window j: wait for ready[j], wait for the turn (bar.sync on TURN_BARRIER + HALF),
+    issue, pass the turn (bar.arrive on the other's barrier), wait for the GEMMs, free the previous step's slot,
+    then mask and softmax step j (its P is kept in registers for window j + 1).
+
+    Turn barriers: the bottom warpgroup seeds the top's barrier once, so the top's window 0 goes first; each
+    window's bar.sync completes with exactly one bar.arrive of the other warpgroup: the top syncs n + 1 times on
+    its barrier, which gets the seed plus the bottom's arrivals after windows 0..n-1 (the bottom skips the arrive
+    after its last window: no one would sync on it); the bottom syncs n + 1 times, the top arrives after each of
+    its n + 1 windows. An arrival can never land in a barrier generation it does not belong to: the other
+    warpgroup's next arrival comes only after its own next turn, which needs this sync to have completed first.
+
+    Why it cannot deadlock with the loader's mbarriers (needs STAGES >= 2 and n >= 1, as every variant): order
+    the windows top 0, bottom 0, top 1, bottom 1, ... Everything a window waits for comes from earlier windows:
+    (a) its turn: the previous window's bar.arrive, issued right after that window's wgmma issue and before
+    anything there can block; (b) ready[j]: the loader, which waits only on empty of step j - STAGES, released by
+    both warpgroups in their windows j - STAGES + 1 <= j - 1 (each keeps arriving on `empty` once per step, the
+    bottom included after it stops passing the turn), and TMA, which completes; (c) wgmma_wait: the tensor
+    cores, which complete. Induction over that order: every window finishes. With STAGES = 1, window j would need
+    the slot of step j - 1, which window j itself frees after its wait: a deadlock, hence the static_assert."""
+    stages: gl.constexpr = k_bufs.type.shape[0]
+    block_n: gl.constexpr = k_bufs.type.shape[1]  # keys per step: `pair` blocks of BLKK
+    pair: gl.constexpr = block_n // BLKK
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, block_n, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    my_turn = TURN_BARRIER + HALF
+    their_turn = TURN_BARRIER + 1 - HALF
+
+    if HALF == 1:
+        _turn_pass(their_turn)  # the seed: the top warpgroup's first window goes first
+    mbarrier.wait(q_bar, 0)
+    q = q_smem.slice(HALF * HALF_ROWS, HALF_ROWS)
+    m_i = gl.full([HALF_ROWS], float("-inf"), gl.float32, s_rows)
+    l_i = gl.zeros([HALF_ROWS], gl.float32, s_rows)
+    acc = gl.zeros([HALF_ROWS, HEAD], gl.float32, o_layout)
+    n_steps = gl.cdiv(n_sel, pair)
+
+    # window 0: S_0 alone
+    mbarrier.wait(ready.index(0), 0)
+    _turn_wait(my_turn)
+    s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), gl.zeros([HALF_ROWS, block_n], gl.float32, s_layout),
+                      use_acc=False, is_async=True)
+    _turn_pass(their_turn)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    s = _mask_keys(s, lut_ptr, 0, n_sel, L, pair, s_layout)
+    p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale_log2, o_rows)
+    p = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    # windows 1..n-1: S_j and the previous step's PV
+    for j in range(1, n_steps):
+        s_idx = j % stages
+        prev = (j + stages - 1) % stages
+        mbarrier.wait(ready.index(s_idx), (j // stages) & 1)
+        _turn_wait(my_turn)
+        s = warpgroup_mma(q, k_bufs.index(s_idx).permute((1, 0)),
+                          gl.zeros([HALF_ROWS, block_n], gl.float32, s_layout), use_acc=False, is_async=True)
+        o = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
+        _turn_pass(their_turn)
+        s, acc = warpgroup_mma_wait(0, deps=(s, o))
+        mbarrier.arrive(empty.index(prev), count=1)  # K and V of step j - 1 are read
+        s = _mask_keys(s, lut_ptr, j, n_sel, L, pair, s_layout)
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale_log2, o_rows)
+        p = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    # window n: the last PV
+    last = (n_steps - 1) % stages
+    _turn_wait(my_turn)
+    o = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
+    if HALF == 0:
+        _turn_pass(their_turn)  # the bottom's last window; the top has no window left to let go
+    acc = warpgroup_mma_wait(0, deps=(o,))
+    mbarrier.arrive(empty.index(last), count=1)
+    _store_rows(acc, l_i, q_row, kv_row, col, out_ptr, L, sol, HALF, o_layout)
+
+
 @gluon.jit
 def _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
                     STAGES: gl.constexpr, PAIR: gl.constexpr):
@@ -250,7 +371,19 @@ def _sla_sparse_ws_pipelined_kernel(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L,
                        [4, 1], [CONSUMER_REGS, 24])
 
 
-KERNELS = {"plain": _sla_sparse_ws_kernel, "pipelined": _sla_sparse_ws_pipelined_kernel}
+@gluon.jit
+def _sla_sparse_ws_pingpong_kernel(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol,
+                                   qk_scale_log2, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                   PAIR: gl.constexpr):
+    gl.static_assert(STAGES >= 2, "the ping-pong consumers hold a step's slot until their next window: STAGES >= 2")
+    args = _partition_args(q_desc, k_desc, v_desc, lut_ptr, out_ptr, L, H, n_sel, n_qblocks, sol, qk_scale_log2,
+                           STAGES, PAIR)
+    gl.warp_specialize([(_consumer_top_pingpong, args), (_consumer_bottom_pingpong, args), (_loader, args)],
+                       [4, 1], [CONSUMER_REGS, 24])
+
+
+KERNELS = {"plain": _sla_sparse_ws_kernel, "pipelined": _sla_sparse_ws_pipelined_kernel,
+           "pingpong": _sla_sparse_ws_pingpong_kernel}
 
 
 @triton.jit
@@ -277,6 +410,11 @@ def sla_attention_ws(q, k, v, proj_l_weight, proj_l_bias, topk, stages=3, consum
     b, length, h, d = q.shape
     if q.dtype != torch.bfloat16 or d != 128:
         raise ValueError("sla_ws handles bf16 with head dim 128")
+    if consumers not in KERNELS:
+        raise ValueError(f"consumers={consumers!r} is not a variant; use one of {sorted(KERNELS)}")
+    if pair not in (1, 2) or stages < (2 if consumers == "pingpong" else 1):
+        raise ValueError(f"pair must be 1 or 2 and stages at least {2 if consumers == 'pingpong' else 1} "
+                         f"for {consumers} (got pair={pair}, stages={stages})")
     k_mean, k_sum, kv = key_stats(k, v, torch.bfloat16)
     lut, count = block_lut(q, k, k_mean, topk, 128, 64)
     lut = lut.to(torch.int32).contiguous()
@@ -301,7 +439,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--res", nargs="+", default=["720p", "480p"], choices=["720p", "480p"])
     ap.add_argument("--topk", type=float, default=0.1)
+    ap.add_argument("--consumers", nargs="+", default=sorted(KERNELS), choices=sorted(KERNELS),
+                    help="which consumer variants to run (default: all)")
     args = ap.parse_args()
+    if not 0 < args.topk <= 1:
+        ap.error(f"--topk {args.topk} is not a fraction of the key blocks; give a value in (0, 1]")
     tokens = {"720p": 21 * 45 * 80, "480p": 21 * 30 * 52}
     g = torch.Generator("cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -317,7 +459,10 @@ def main():
         ms = common.median_ms(lambda: sla_attention_triton(q, k, v, w, bias, args.topk), reps=10, warmup=2)
         print(f"| {res} | ours (Triton) | default | {ms:.2f} | - | - |", flush=True)
         for consumers, pair, stages in (("plain", 1, 3), ("pipelined", 1, 3), ("pipelined", 1, 4),
-                                        ("plain", 2, 2), ("pipelined", 2, 2)):
+                                        ("plain", 2, 2), ("pipelined", 2, 2), ("pingpong", 1, 2),
+                                        ("pingpong", 1, 3), ("pingpong", 2, 2), ("pingpong", 2, 3)):
+            if consumers not in args.consumers:
+                continue
             regs = 240
             cfg = f"{consumers}, {64 * pair} keys per step, stages {stages}"
             try:

@@ -392,23 +392,32 @@ def _tiled(
     and the weighted sums are added up over the ranks (all-reduce), so every rank returns the same blend as one
     process running all the tiles, up to float32 summation order.
     """
-    spans_y, spans_x = _tile_spans(grid[0], tile[0]), _tile_spans(grid[1], tile[1])
-    weight_sum = torch.zeros(grid[0] * out_scale, grid[1] * out_scale, dtype=torch.float32, device=x.device)
+    tiles, weight_sum = _tile_plan(grid, tile, in_scale, out_scale, x.device)
     acc = torch.zeros(*out_lead, *weight_sum.shape, dtype=torch.float32, device=x.device)
-    for index in _own_tiles(len(spans_y) * len(spans_x), group):
-        iy, ix = divmod(index, len(spans_x))
-        (y0, y1), (x0, x1) = spans_y[iy], spans_x[ix]
-        out = fn(x[..., y0 * in_scale : y1 * in_scale, x0 * in_scale : x1 * in_scale])
-        w = _blend_weights(spans_y, iy, out_scale)[:, None] * _blend_weights(spans_x, ix, out_scale)[None, :]
-        w = w.to(x.device)
-        region = (..., slice(y0 * out_scale, y1 * out_scale), slice(x0 * out_scale, x1 * out_scale))
+    for index in _own_tiles(len(tiles), group):
+        source, region, w = tiles[index]
+        out = fn(x[source])
         acc[region].addcmul_(out, w)
-        weight_sum[region] += w
         del out
     if group is not None:
         dist.all_reduce(acc, group=group)
-        dist.all_reduce(weight_sum, group=group)
     return acc.div_(weight_sum).to(out_dtype)
+
+
+def _tile_plan(grid: Tuple[int, int], tile: Tuple[int, int], in_scale: int, out_scale: int, device):
+    """The tiles of `_tiled` in order -> ([(input slices, output slices, blend weights [h, w] float32)], the sum of
+    all tiles' weights [H, W]). Every rank computes the whole sum itself, in tile order, as one process does."""
+    spans_y, spans_x = _tile_spans(grid[0], tile[0]), _tile_spans(grid[1], tile[1])
+    weight_sum = torch.zeros(grid[0] * out_scale, grid[1] * out_scale, dtype=torch.float32, device=device)
+    tiles = []
+    for iy, (y0, y1) in enumerate(spans_y):
+        for ix, (x0, x1) in enumerate(spans_x):
+            w = _blend_weights(spans_y, iy, out_scale)[:, None] * _blend_weights(spans_x, ix, out_scale)[None, :]
+            w = w.to(device)
+            region = (..., slice(y0 * out_scale, y1 * out_scale), slice(x0 * out_scale, x1 * out_scale))
+            weight_sum[region] += w
+            tiles.append(((..., slice(y0 * in_scale, y1 * in_scale), slice(x0 * in_scale, x1 * in_scale)), region, w))
+    return tiles, weight_sum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,8 +508,9 @@ class WanVAE:
         """normalised latents [B, 16, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] in the model dtype (not clamped).
 
         The hook gets ("decode", done, total) after each decoded latent frame (per tile when tiled).
-        ``on_frames(start, frames)`` gets each chunk of final frames [B, 3, t, H, W] as soon as it is decoded
-        (untiled: per latent frame; tiled: the whole video at the end, since every tile adds to every frame).
+        ``on_frames(start, frames)`` gets each chunk of final frames [B, 3, t, H, W] as soon as it is decoded: per
+        latent frame untiled or with at most one tile per rank (a split VAE); with more tiles, the whole video at
+        the end (every tile adds to every frame).
         ``group``: the tiles shared out over its ranks, as in `encode`.
         """
         if latents.ndim != 5 or latents.shape[1] != Z_DIM:
@@ -508,34 +518,71 @@ class WanVAE:
         b, _, steps, h, w = latents.shape
         z = latents.to(device=self.device, dtype=self.dtype)
         tile = self._resolve_tile(tile, (h, w))
+        frame_count = 1 + TEMPORAL_COMPRESSION * (steps - 1)
         done = 0
 
-        def decode_region(z: torch.Tensor) -> torch.Tensor:
+        def decoded_chunks(z: torch.Tensor):
+            """(start, frames [B, 3, t, h*8, w*8]) per latent frame of the region z, in order."""
             nonlocal done
-            zh, zw = z.shape[-2:]
             x = self.model.conv2(z / self.latent_inv_std + self.latent_mean)
             x = x.contiguous(memory_format=preferred_layout(x.device))
-            video = torch.empty(b, 3, 1 + TEMPORAL_COMPRESSION * (steps - 1), zh * SPATIAL_COMPRESSION, zw * SPATIAL_COMPRESSION, dtype=self.dtype, device=self.device)
             cache: Cache = {}
             for i in range(steps):
                 start = 0 if i == 0 else 1 + TEMPORAL_COMPRESSION * (i - 1)
-                frames = self.model.decoder(x[:, :, i : i + 1], cache)
+                yield start, self.model.decoder(x[:, :, i : i + 1], cache)
+                done += 1
+                report(progress, "decode", done, total)
+
+        def decode_region(z: torch.Tensor) -> torch.Tensor:
+            zh, zw = z.shape[-2:]
+            video = torch.empty(b, 3, frame_count, zh * SPATIAL_COMPRESSION, zw * SPATIAL_COMPRESSION,
+                                dtype=self.dtype, device=self.device)
+            for start, frames in decoded_chunks(z):
                 video[:, :, start : start + frames.shape[2]] = frames
                 if on_frames is not None and tile is None:
                     on_frames(start, video[:, :, start : start + frames.shape[2]])
                 del frames
-                done += 1
-                report(progress, "decode", done, total)
             return video
 
         if tile is None:
             total = steps
             return decode_region(z)
-        total = steps * len(_own_tiles(tile_count((h, w), tile), group))
+        count = tile_count((h, w), tile)
+        total = steps * len(_own_tiles(count, group))
+        ranks = dist.get_world_size(group) if group is not None else 1
+        if count <= ranks:
+            # at most one tile per rank: blend chunk by chunk, so finished frames go out while the rest decodes
+            # (whether or not this rank takes them: every rank of a group must make the same all-reduces)
+            return self._decode_tile_per_rank(z, tile, group, decoded_chunks, on_frames, frame_count)
         video = _tiled(decode_region, z, (h, w), tile, in_scale=1, out_scale=SPATIAL_COMPRESSION,
-                       out_lead=(b, 3, 1 + TEMPORAL_COMPRESSION * (steps - 1)), out_dtype=self.dtype, group=group)
+                       out_lead=(b, 3, frame_count), out_dtype=self.dtype, group=group)
         if on_frames is not None:
             on_frames(0, video)
+        return video
+
+    def _decode_tile_per_rank(self, z, tile, group, decoded_chunks, on_frames, frame_count: int) -> torch.Tensor:
+        """`_tiled`'s blend of a decode where each rank has at most one tile, done per latent frame: every rank
+        adds its tile's frames of that chunk, the ranks sum the chunk (all-reduce), and the blended frames go to
+        ``on_frames`` at once. The same sums in the same order as `_tiled`, so the same video."""
+        b, _, steps, h, w = z.shape
+        tiles, weight_sum = _tile_plan((h, w), tile, 1, SPATIAL_COMPRESSION, self.device)
+        own = [tiles[i] for i in _own_tiles(len(tiles), group)]  # zero or one
+        chunks = decoded_chunks(z[own[0][0]]) if own else None
+        video = torch.empty(b, 3, frame_count, *weight_sum.shape, dtype=self.dtype, device=self.device)
+        for i in range(steps):
+            start, length = (0, 1) if i == 0 else (1 + TEMPORAL_COMPRESSION * (i - 1), TEMPORAL_COMPRESSION)
+            acc = torch.zeros(b, 3, length, *weight_sum.shape, dtype=torch.float32, device=self.device)
+            if chunks is not None:
+                _, frames = next(chunks)
+                acc[own[0][1]].addcmul_(frames, own[0][2])
+                del frames
+            if group is not None:
+                dist.all_reduce(acc, group=group)
+            video[:, :, start : start + length] = acc.div_(weight_sum)
+            if on_frames is not None:
+                on_frames(start, video[:, :, start : start + length])
+        if chunks is not None:
+            next(chunks, None)  # the last chunk's progress report
         return video
 
     # -- tiling ---------------------------------------------------------------------------------

@@ -333,3 +333,33 @@ def test_stream_runs_tile_the_vae_from_half_the_free_memory(vae_bf16, monkeypatc
     tiling.tile_for_run(vae_bf16, "decode", grid, "stream", torch.device("cuda"), 81)
     tiling.tile_for_run(vae_bf16, "decode", grid, "resident", torch.device("cuda"), 81)
     assert seen == [4e9, 0.9 * 8e9]
+
+
+def _count_fronts(vae, monkeypatch) -> list:
+    calls = []
+    front = vae.model.encoder.front
+    monkeypatch.setattr(vae.model.encoder, "front", lambda x, cache: calls.append(x.shape[2]) or front(x, cache))
+    return calls
+
+
+def test_image_then_black_frames_encode_reuses_the_repeating_front_and_gives_the_same_latents(vae_fp32, monkeypatch):
+    video = torch.zeros(1, 3, 33, 32, 32)  # as image-to-video encodes: the image, then black frames (9 chunks)
+    video[:, :, 0] = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with monkeypatch.context() as m:
+        m.setattr("turbowan.models.vae._front_repeats_after", lambda *a: None)  # every chunk through the front
+        every_chunk = vae_fp32.encode(video)
+    calls = _count_fronts(vae_fp32, monkeypatch)
+    reused = vae_fp32.encode(video)
+    # the fixture's front sees 18 frames back: chunk 6 (frames 21-24) is the first past frame 0's reach, and chunks
+    # 7 and 8 reuse its output
+    assert vae_fp32.model.encoder.front_memory == 18
+    assert len(calls) == 7
+    assert torch.equal(reused, every_chunk)
+
+
+def test_a_video_whose_later_frames_differ_runs_every_chunk_through_the_front(vae_fp32, monkeypatch):
+    video = torch.zeros(1, 3, 33, 32, 32)
+    video[:, :, 30] = 0.5  # one later frame differs
+    calls = _count_fronts(vae_fp32, monkeypatch)
+    vae_fp32.encode(video)
+    assert len(calls) == 9

@@ -271,12 +271,28 @@ class Encoder(nn.Module):
         mid = dims[-1]
         self.middle = nn.ModuleList([ResidualBlock(mid, mid), AttentionBlock(mid), ResidualBlock(mid, mid)])
         self.head = nn.Sequential(RMSNorm(mid, 3), nn.SiLU(), CausalConv3d(mid, cfg.z_dim * 2, 3))
+        # The front: conv1 and the blocks before the first temporal downsample, at the input's frame rate and
+        # resolution (three quarters of the encoder's work).
+        self.front_blocks = next((i for i, b in enumerate(blocks) if isinstance(b, Downsample) and b.time_conv is not None),
+                                 len(blocks))
 
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        x = _run(self.downsamples, x, cache)
+    @property
+    def front_memory(self) -> int:
+        """How many frames back an output frame of the front can see: the sum of its causal convolutions' past
+        frames (per-frame layers add none)."""
+        layers = (self.conv1, *self.downsamples[: self.front_blocks])
+        return sum(m.past_frames for layer in layers for m in layer.modules() if isinstance(m, CausalConv3d))
+
+    def front(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        return _run(self.downsamples[: self.front_blocks], self.conv1(x, cache), cache)
+
+    def back(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        x = _run(self.downsamples[self.front_blocks :], x, cache)
         x = _run(self.middle, x, cache)
         return _run(self.head, x, cache)
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        return self.back(self.front(x, cache), cache)
 
 
 class Decoder(nn.Module):
@@ -363,6 +379,23 @@ def _blend_weights(spans: List[Tuple[int, int]], index: int, scale: int) -> torc
 def tile_count(grid: Tuple[int, int], tile: Tuple[int, int]) -> int:
     """How many tiles of ``tile`` (latent pixels) cover ``grid``."""
     return len(_tile_spans(grid[0], tile[0])) * len(_tile_spans(grid[1], tile[1]))
+
+
+def _front_repeats_after(video: torch.Tensor, chunks: int, front_memory: int) -> Optional[int]:
+    """The chunk after which the encoder's front gives the same output for every later chunk, or None.
+
+    Image-to-video encodes the image followed by black frames. When every frame after the first is the same,
+    an output frame of the front that sees no further back than frame 1 sees the same frames as every later
+    one, so it is the same; a chunk (4 frames) whose first frame is past ``front_memory`` repeats, exactly, in
+    every later chunk. Reusing it is the same arithmetic as computing it again (the float results are those of
+    running every chunk; tests/test_vae.py checks equality)."""
+    if chunks < 3:
+        return None
+    later = video[:, :, 1:]
+    if not torch.equal(later, video[:, :, 1:2].expand_as(later)):
+        return None
+    first = 1 + math.ceil(front_memory / TEMPORAL_COMPRESSION)  # chunk i starts at frame 1 + 4 (i - 1)
+    return first if first < chunks - 1 else None
 
 
 def _own_tiles(count: int, group) -> range:
@@ -481,11 +514,21 @@ class WanVAE:
         def encode_region(region: torch.Tensor) -> torch.Tensor:
             nonlocal done
             region = region.contiguous(memory_format=preferred_layout(region.device))
+            encoder = self.model.encoder
             cache: Cache = {}
             latents = []
+            repeats_after = _front_repeats_after(region, chunks, encoder.front_memory)
+            repeated = None
             for i in range(chunks):
                 start = 0 if i == 0 else 1 + TEMPORAL_COMPRESSION * (i - 1)
-                latents.append(self.model.encoder(region[:, :, start : 1 + TEMPORAL_COMPRESSION * i], cache))
+                if repeated is not None:
+                    front = repeated
+                else:
+                    front = encoder.front(region[:, :, start : 1 + TEMPORAL_COMPRESSION * i], cache)
+                    if i == repeats_after:
+                        repeated = front
+                latents.append(encoder.back(front, cache))
+                del front
                 done += 1
                 report(progress, "encode", done, total)
             mean = self.model.conv1(torch.cat(latents, dim=2))[:, :Z_DIM]

@@ -140,6 +140,11 @@ class Clock:
     def last_decode(self) -> float:
         return max(m[2] for m in self.marks if m[0] == "decode")
 
+    def stage_s(self, stage: str, after: str | None = None) -> float:
+        """From the end of ``after`` (the clock's start if None) to the last mark of ``stage``."""
+        start = max((m[2] for m in self.marks if m[0] == after), default=self.t0)
+        return max(m[2] for m in self.marks if m[0] == stage) - start
+
 
 def drop_page_cache() -> bool:
     try:
@@ -171,6 +176,7 @@ def one_video(high, low, vae, files, res, device, frames, out: Path) -> dict:
     t_end = time.perf_counter()
     steps = clock.steps()
     return {"total_s": t_end - t0, "steps_s": steps, "tail_s": t_end - clock.last_decode(),
+            "encode_s": clock.stage_s("encode"), "decode_s": clock.stage_s("decode", after="sample"),
             "close_s": t_end - t_closing, "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if clock.cuda else 0}
 
 
@@ -241,7 +247,8 @@ def main():
                 if res == "720p":
                     row("user_first_video_in_process_720p_s", runs[0]["total_s"], "API, first video (uploads)")
                 for i, r in enumerate(runs):
-                    print(f"api {res} run {i}: {r['total_s']:.2f} s, steps {[round(s, 2) for s in r['steps_s']]}, "
+                    print(f"api {res} run {i}: {r['total_s']:.2f} s, encode (from the call) {r['encode_s']:.2f} s, "
+                          f"steps {[round(s, 2) for s in r['steps_s']]}, decode {r['decode_s']:.2f} s, "
                           f"tail {r['tail_s']:.2f} s, peak {r['peak_gb']:.1f} GB", flush=True)
                 nxt = runs[1:]
                 row(f"user_next_video_{res}_s", median([r["total_s"] for r in nxt]), "API, second and later videos")

@@ -1,6 +1,10 @@
 """Wan2.1 VAE speed at full width (random weights) on one GPU: encode 81 frames, decode 21 latent frames.
 
     python bench/vae.py [--res 720p 480p] [--profile]
+    python bench/vae.py --i2v [--res 720p 480p] [--device cpu --size 128x128]
+
+--i2v: the image-to-video encode (the image, then black frames) with the encoder's repeating front computed once
+(the library's path) against every chunk through the front; checks the latents are equal.
 
 Variants (same weights, same inputs; outputs compared against the first variant):
   ncdhw                 activations in PyTorch's default NCDHW layout, eager norms (the code before channels-last)
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +67,73 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def i2v_encode(vae, dev, sizes, frames: int, repeat: int) -> None:
+    """Times the encode of an image followed by black frames, with and without the front computed once."""
+    def wall(fn):
+        times = []
+        for _ in range(repeat + 1):  # the first call warms up
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:]), out
+
+    repeats_after = V._front_repeats_after
+    rows = []
+    for name, (w, h) in sizes.items():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        video = torch.zeros(1, 3, frames, h, w)
+        video[:, :, 0] = torch.rand(3, h, w, generator=g) * 2 - 1
+        video = video.to(dev, vae.dtype)
+        once_s, once = wall(lambda: vae.encode(video))
+        V._front_repeats_after = lambda *a: None
+        try:
+            every_s, every = wall(lambda: vae.encode(video))
+        finally:
+            V._front_repeats_after = repeats_after
+        rows.append((name, once_s, every_s, torch.equal(once, every)))
+        print(rows[-1], flush=True)
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{card}, torch {torch.__version__}, {datetime.date.today()}, {frames} frames, median of {repeat}")
+    print("| size | front once s | every chunk s | saved | latents equal |")
+    print("|---|---|---|---|---|")
+    for name, once_s, every_s, equal in rows:
+        print(f"| {name} | {once_s:.2f} | {every_s:.2f} | {1 - once_s / every_s:.0%} | {equal} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--res", nargs="+", default=["720p", "480p"])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--i2v", action="store_true", help="time the image-to-video encode, front once vs every chunk")
+    ap.add_argument("--device", default="cuda", help="with --i2v: cuda (default) or cpu")
+    ap.add_argument("--size", help="with --i2v: WxH instead of --res (e.g. 128x128 on a CPU)")
+    ap.add_argument("--frames", type=int, default=81, help="with --i2v: frames (4n+1, default 81)")
     args = ap.parse_args()
+    if args.i2v:
+        if (args.frames - 1) % 4:
+            ap.error(f"--frames must be 4n+1, got {args.frames}")
+        dev = torch.device(args.device)
+        if args.size:
+            try:
+                w, h = (int(v) for v in args.size.lower().split("x"))
+            except ValueError:
+                ap.error(f"--size takes WxH, e.g. 128x128, got {args.size!r}")
+            if w % 8 or h % 8:
+                ap.error(f"--size: width and height must be multiples of 8, got {args.size}")
+            sizes = {args.size: (w, h)}
+        else:
+            sizes = {res: SIZES[res] for res in args.res}
+        vae = random_vae(dev)
+        if dev.type == "cpu":
+            vae.model.float()
+            vae._set_constants()
+        i2v_encode(vae, dev, sizes, args.frames, args.repeat)
+        return
     dev = torch.device("cuda")
     vae = random_vae(dev)
     original_layout, original_dispatch = V.preferred_layout, V.vae_norm_dispatch

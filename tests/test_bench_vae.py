@@ -27,3 +27,14 @@ def test_causal_conv3d_as_one_conv2d_equals_the_3d_convolution_over_chunks(layou
             assert got.shape == want.shape
             assert (got - want).abs().max() < 1e-12
             assert got.is_contiguous(memory_format=layout) or layout == torch.contiguous_format
+
+
+def test_the_i2v_encode_table_times_both_paths_and_finds_the_latents_equal(capsys):
+    from helpers import fixtures_dir
+
+    from turbowan.models.vae import load_vae
+
+    vae = load_vae(fixtures_dir() / "vae" / "Wan2.1_VAE-tiny.pth", device="cpu", dtype=torch.float32)
+    _bench().i2v_encode(vae, torch.device("cpu"), {"32x32": (32, 32)}, frames=33, repeat=1)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 32x32 |"))
+    assert row.endswith("| True |")

@@ -381,6 +381,11 @@ def tile_count(grid: Tuple[int, int], tile: Tuple[int, int]) -> int:
     return len(_tile_spans(grid[0], tile[0])) * len(_tile_spans(grid[1], tile[1]))
 
 
+def chunk_frames(i: int) -> Tuple[int, int]:
+    """(first frame, frame count) of the video's chunk i, which is latent frame i: frame 0 alone, then 4 frames."""
+    return (0, 1) if i == 0 else (1 + TEMPORAL_COMPRESSION * (i - 1), TEMPORAL_COMPRESSION)
+
+
 def _front_repeats_after(video: torch.Tensor, chunks: int, front_memory: int) -> Optional[int]:
     """The chunk after which the encoder's front gives the same output for every later chunk, or None.
 
@@ -394,7 +399,7 @@ def _front_repeats_after(video: torch.Tensor, chunks: int, front_memory: int) ->
     later = video[:, :, 1:]
     if not torch.equal(later, video[:, :, 1:2].expand_as(later)):
         return None
-    first = 1 + math.ceil(front_memory / TEMPORAL_COMPRESSION)  # chunk i starts at frame 1 + 4 (i - 1)
+    first = 1 + math.ceil(front_memory / TEMPORAL_COMPRESSION)  # the first chunk starting past front_memory
     return first if first < chunks - 1 else None
 
 
@@ -520,11 +525,11 @@ class WanVAE:
             repeats_after = _front_repeats_after(region, chunks, encoder.front_memory)
             repeated = None
             for i in range(chunks):
-                start = 0 if i == 0 else 1 + TEMPORAL_COMPRESSION * (i - 1)
+                start, length = chunk_frames(i)
                 if repeated is not None:
                     front = repeated
                 else:
-                    front = encoder.front(region[:, :, start : 1 + TEMPORAL_COMPRESSION * i], cache)
+                    front = encoder.front(region[:, :, start : start + length], cache)
                     if i == repeats_after:
                         repeated = front
                 latents.append(encoder.back(front, cache))
@@ -571,8 +576,7 @@ class WanVAE:
             x = x.contiguous(memory_format=preferred_layout(x.device))
             cache: Cache = {}
             for i in range(steps):
-                start = 0 if i == 0 else 1 + TEMPORAL_COMPRESSION * (i - 1)
-                yield start, self.model.decoder(x[:, :, i : i + 1], cache)
+                yield chunk_frames(i)[0], self.model.decoder(x[:, :, i : i + 1], cache)
                 done += 1
                 report(progress, "decode", done, total)
 
@@ -613,7 +617,7 @@ class WanVAE:
         chunks = decoded_chunks(z[own[0][0]]) if own else None
         video = torch.empty(b, 3, frame_count, *weight_sum.shape, dtype=self.dtype, device=self.device)
         for i in range(steps):
-            start, length = (0, 1) if i == 0 else (1 + TEMPORAL_COMPRESSION * (i - 1), TEMPORAL_COMPRESSION)
+            start, length = chunk_frames(i)
             acc = torch.zeros(b, 3, length, *weight_sum.shape, dtype=torch.float32, device=self.device)
             if chunks is not None:
                 _, frames = next(chunks)

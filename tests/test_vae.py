@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import fixtures_dir, max_abs, rel_err
+from helpers import fixtures_dir, gpu, max_abs, rel_err
 from safetensors.torch import load_file, save_file
 
 from turbowan.models.vae import (
@@ -363,3 +363,15 @@ def test_a_video_whose_later_frames_differ_runs_every_chunk_through_the_front(va
     calls = _count_fronts(vae_fp32, monkeypatch)
     vae_fp32.encode(video)
     assert len(calls) == 9
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_the_reused_front_gives_the_latents_of_every_chunk(dtype, monkeypatch):
+    # the GPU path: channels-last activations, the fused norm kernel, cuDNN's convolutions
+    vae = load_vae(fixtures_dir() / TINY_VAE, device="cuda", dtype=dtype)
+    video = torch.zeros(1, 3, 33, 64, 64, device="cuda")
+    video[:, :, 0] = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)).cuda() * 2 - 1
+    reused = vae.encode(video)
+    monkeypatch.setattr("turbowan.models.vae._front_repeats_after", lambda *a: None)
+    assert torch.equal(reused, vae.encode(video))

@@ -3,8 +3,8 @@
     python bench/vae.py [--res 720p 480p] [--profile]
     python bench/vae.py --i2v [--res 720p 480p] [--device cpu --size 128x128]
 
---i2v: the image-to-video encode (the image, then black frames) with the encoder's repeating front computed once
-(the library's path) against every chunk through the front; checks the latents are equal.
+--i2v: the image-to-video encode (the image, then black frames) with the encoder's repeating segments computed
+once (the library's path) against every chunk through every segment; checks the latents are equal.
 
 Variants (same weights, same inputs; outputs compared against the first variant):
   ncdhw                 activations in PyTorch's default NCDHW layout, eager norms (the code before channels-last)
@@ -68,7 +68,7 @@ def rel(a, b):
 
 
 def i2v_encode(vae, dev, sizes, frames: int, repeat: int) -> None:
-    """Times the encode of an image followed by black frames, with and without the front computed once."""
+    """Times the encode of an image followed by black frames, with and without repeating segments computed once."""
     def wall(fn):
         times = []
         for _ in range(repeat + 1):  # the first call warms up
@@ -81,7 +81,7 @@ def i2v_encode(vae, dev, sizes, frames: int, repeat: int) -> None:
             times.append(time.perf_counter() - t)
         return statistics.median(times[1:]), out
 
-    repeats_after = V._front_repeats_after
+    repeats_after = V._segments_repeat_after
     rows = []
     for name, (w, h) in sizes.items():
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -89,16 +89,16 @@ def i2v_encode(vae, dev, sizes, frames: int, repeat: int) -> None:
         video[:, :, 0] = torch.rand(3, h, w, generator=g) * 2 - 1
         video = video.to(dev, vae.dtype)
         once_s, once = wall(lambda: vae.encode(video))
-        V._front_repeats_after = lambda *a: None
+        V._segments_repeat_after = lambda video, chunks, memory: [None] * len(memory)
         try:
             every_s, every = wall(lambda: vae.encode(video))
         finally:
-            V._front_repeats_after = repeats_after
+            V._segments_repeat_after = repeats_after
         rows.append((name, once_s, every_s, torch.equal(once, every)))
         print(rows[-1], flush=True)
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{card}, torch {torch.__version__}, {datetime.date.today()}, {frames} frames, median of {repeat}")
-    print("| size | front once s | every chunk s | saved | latents equal |")
+    print("| size | repeats once s | every chunk s | saved | latents equal |")
     print("|---|---|---|---|---|")
     for name, once_s, every_s, equal in rows:
         print(f"| {name} | {once_s:.2f} | {every_s:.2f} | {1 - once_s / every_s:.0%} | {equal} |")
@@ -109,7 +109,7 @@ def main():
     ap.add_argument("--res", nargs="+", default=["720p", "480p"])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--i2v", action="store_true", help="time the image-to-video encode, front once vs every chunk")
+    ap.add_argument("--i2v", action="store_true", help="time the image-to-video encode, repeats once vs every chunk")
     ap.add_argument("--device", default="cuda", help="with --i2v: cuda (default) or cpu")
     ap.add_argument("--size", help="with --i2v: WxH instead of --res (e.g. 128x128 on a CPU)")
     ap.add_argument("--frames", type=int, default=81, help="with --i2v: frames (4n+1, default 81)")

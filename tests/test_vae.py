@@ -335,43 +335,52 @@ def test_stream_runs_tile_the_vae_from_half_the_free_memory(vae_bf16, monkeypatc
     assert seen == [4e9, 0.9 * 8e9]
 
 
-def _count_fronts(vae, monkeypatch) -> list:
+def _count_segments(vae, monkeypatch) -> list:
+    """The encoder segments run, in order, as their indices."""
     calls = []
-    front = vae.model.encoder.front
-    monkeypatch.setattr(vae.model.encoder, "front", lambda x, cache: calls.append(x.shape[2]) or front(x, cache))
+    run = vae.model.encoder.run_segment
+    monkeypatch.setattr(vae.model.encoder, "run_segment", lambda s, x, cache: calls.append(s) or run(s, x, cache))
     return calls
 
 
-def test_image_then_black_frames_encode_reuses_the_repeating_front_and_gives_the_same_latents(vae_fp32, monkeypatch):
-    video = torch.zeros(1, 3, 33, 32, 32)  # as image-to-video encodes: the image, then black frames (9 chunks)
-    video[:, :, 0] = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+def _every_chunk(monkeypatch):
+    monkeypatch.setattr("turbowan.models.vae._segments_repeat_after", lambda video, chunks, memory: [None] * len(memory))
+
+
+def _image_then_black(frames: int, size: int = 32, device="cpu") -> torch.Tensor:
+    video = torch.zeros(1, 3, frames, size, size, device=device)  # as image-to-video encodes: the image, then black
+    video[:, :, 0] = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    return video
+
+
+def test_image_then_black_frames_encode_reuses_repeating_segments_and_gives_the_same_latents(vae_fp32, monkeypatch):
+    video = _image_then_black(61)  # 16 chunks
     with monkeypatch.context() as m:
-        m.setattr("turbowan.models.vae._front_repeats_after", lambda *a: None)  # every chunk through the front
+        _every_chunk(m)
         every_chunk = vae_fp32.encode(video)
-    calls = _count_fronts(vae_fp32, monkeypatch)
+    calls = _count_segments(vae_fp32, monkeypatch)
     reused = vae_fp32.encode(video)
-    # the fixture's front sees 18 frames back: chunk 6 (frames 21-24) is the first past frame 0's reach, and chunks
-    # 7 and 8 reuse its output
-    assert vae_fp32.model.encoder.front_memory == 18
-    assert len(calls) == 7
+    # segments at 4, 2 and 1 frames per chunk see 5, 5 and 19 chunks back: the first repeats from chunk 6 (its
+    # output reused for chunks 7-15), the second from chunk 11 (reused for 12-15), the third never in 16 chunks
+    assert vae_fp32.model.encoder.segment_memory() == [5, 5, 19]
+    assert [calls.count(s) for s in range(3)] == [7, 12, 16]
     assert torch.equal(reused, every_chunk)
 
 
-def test_a_video_whose_later_frames_differ_runs_every_chunk_through_the_front(vae_fp32, monkeypatch):
-    video = torch.zeros(1, 3, 33, 32, 32)
+def test_a_video_whose_later_frames_differ_runs_every_chunk_through_every_segment(vae_fp32, monkeypatch):
+    video = _image_then_black(33)
     video[:, :, 30] = 0.5  # one later frame differs
-    calls = _count_fronts(vae_fp32, monkeypatch)
+    calls = _count_segments(vae_fp32, monkeypatch)
     vae_fp32.encode(video)
-    assert len(calls) == 9
+    assert [calls.count(s) for s in range(3)] == [9, 9, 9]
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_on_cuda_the_reused_front_gives_the_latents_of_every_chunk(dtype, monkeypatch):
+def test_on_cuda_the_reused_segments_give_the_latents_of_every_chunk(dtype, monkeypatch):
     # the GPU path: channels-last activations, the fused norm kernel, cuDNN's convolutions
     vae = load_vae(fixtures_dir() / TINY_VAE, device="cuda", dtype=dtype)
-    video = torch.zeros(1, 3, 33, 64, 64, device="cuda")
-    video[:, :, 0] = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)).cuda() * 2 - 1
+    video = _image_then_black(61, size=64, device="cuda")
     reused = vae.encode(video)
-    monkeypatch.setattr("turbowan.models.vae._front_repeats_after", lambda *a: None)
+    _every_chunk(monkeypatch)
     assert torch.equal(reused, vae.encode(video))

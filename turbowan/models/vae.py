@@ -271,28 +271,34 @@ class Encoder(nn.Module):
         mid = dims[-1]
         self.middle = nn.ModuleList([ResidualBlock(mid, mid), AttentionBlock(mid), ResidualBlock(mid, mid)])
         self.head = nn.Sequential(RMSNorm(mid, 3), nn.SiLU(), CausalConv3d(mid, cfg.z_dim * 2, 3))
-        # The front: conv1 and the blocks before the first temporal downsample, at the input's frame rate and
-        # resolution (three quarters of the encoder's work).
-        self.front_blocks = next((i for i, b in enumerate(blocks) if isinstance(b, Downsample) and b.time_conv is not None),
-                                 len(blocks))
+        # The layers cut at the temporal downsamples: each segment runs at one frame rate (4, 2, 1 frames per chunk).
+        layers = [self.conv1, *blocks, *self.middle, *self.head]
+        cuts = [i for i, layer in enumerate(layers) if isinstance(layer, Downsample) and layer.time_conv is not None]
+        self.segments = [layers[a:b] for a, b in zip([0, *cuts], [*cuts, len(layers)])]
 
-    @property
-    def front_memory(self) -> int:
-        """How many frames back an output frame of the front can see: the sum of its causal convolutions' past
-        frames (per-frame layers add none)."""
-        layers = (self.conv1, *self.downsamples[: self.front_blocks])
-        return sum(m.past_frames for layer in layers for m in layer.modules() if isinstance(m, CausalConv3d))
+    def segment_memory(self) -> List[int]:
+        """Per segment, how many chunks back its output for a chunk can see (an upper bound): per layer, the
+        frames its causal convolutions (or a temporal downsample's one cached frame) look back, in chunks of
+        that layer's frame rate, summed. Per-frame layers add none."""
+        memory, rate = [], TEMPORAL_COMPRESSION
+        for segment in self.segments:
+            chunks = 0
+            for layer in segment:
+                if isinstance(layer, Downsample) and layer.time_conv is not None:
+                    chunks += math.ceil(1 / rate)  # the last frame of the previous chunk
+                    rate //= 2
+                past = sum(m.past_frames for m in layer.modules() if isinstance(m, CausalConv3d))
+                chunks += math.ceil(past / rate)
+            memory.append(chunks)
+        return memory
 
-    def front(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        return _run(self.downsamples[: self.front_blocks], self.conv1(x, cache), cache)
-
-    def back(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        x = _run(self.downsamples[self.front_blocks :], x, cache)
-        x = _run(self.middle, x, cache)
-        return _run(self.head, x, cache)
+    def run_segment(self, index: int, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        return _run(self.segments[index], x, cache)
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        return self.back(self.front(x, cache), cache)
+        for index in range(len(self.segments)):
+            x = self.run_segment(index, x, cache)
+        return x
 
 
 class Decoder(nn.Module):
@@ -386,21 +392,25 @@ def chunk_frames(i: int) -> Tuple[int, int]:
     return (0, 1) if i == 0 else (1 + TEMPORAL_COMPRESSION * (i - 1), TEMPORAL_COMPRESSION)
 
 
-def _front_repeats_after(video: torch.Tensor, chunks: int, front_memory: int) -> Optional[int]:
-    """The chunk after which the encoder's front gives the same output for every later chunk, or None.
+def _segments_repeat_after(video: torch.Tensor, chunks: int, memory: List[int]) -> List[Optional[int]]:
+    """Per encoder segment, the chunk after which its output is the same for every later chunk (None: never).
 
-    Image-to-video encodes the image followed by black frames. When every frame after the first is the same,
-    an output frame of the front that sees no further back than frame 1 sees the same frames as every later
-    one, so it is the same; a chunk (4 frames) whose first frame is past ``front_memory`` repeats, exactly, in
-    every later chunk. Reusing it is the same arithmetic as computing it again (the float results are those of
-    running every chunk; tests/test_vae.py checks equality)."""
+    Image-to-video encodes the image followed by black frames. When every frame after the first is the same, the
+    input's chunks repeat from chunk 1 on (4 equal frames each), and a causal segment that sees m chunks back
+    gives the same output for every chunk from m past the first repeating input chunk: its output repeats from
+    there. Reusing that output is the same arithmetic as computing it again (tests/test_vae.py checks that the
+    latents equal running every chunk)."""
+    never = [None] * len(memory)
     if chunks < 3:
-        return None
+        return never
     later = video[:, :, 1:]
     if not torch.equal(later, video[:, :, 1:2].expand_as(later)):
-        return None
-    first = 1 + math.ceil(front_memory / TEMPORAL_COMPRESSION)  # the first chunk starting past front_memory
-    return first if first < chunks - 1 else None
+        return never
+    repeats, first = [], 1
+    for m in memory:
+        first += m
+        repeats.append(first if first < chunks - 1 else None)
+    return repeats
 
 
 def _own_tiles(count: int, group) -> range:
@@ -522,18 +532,19 @@ class WanVAE:
             encoder = self.model.encoder
             cache: Cache = {}
             latents = []
-            repeats_after = _front_repeats_after(region, chunks, encoder.front_memory)
-            repeated = None
+            repeats_after = _segments_repeat_after(region, chunks, encoder.segment_memory())
+            repeated: List[Optional[torch.Tensor]] = [None] * len(repeats_after)
             for i in range(chunks):
                 start, length = chunk_frames(i)
-                if repeated is not None:
-                    front = repeated
-                else:
-                    front = encoder.front(region[:, :, start : start + length], cache)
-                    if i == repeats_after:
-                        repeated = front
-                latents.append(encoder.back(front, cache))
-                del front
+                # past the deepest segment whose output repeats; the segments after it run (their caches move on)
+                last = max((s for s, out in enumerate(repeated) if out is not None), default=-1)
+                x = region[:, :, start : start + length] if last < 0 else repeated[last]
+                for s in range(last + 1, len(repeated)):
+                    x = encoder.run_segment(s, x, cache)
+                    if i == repeats_after[s]:
+                        repeated[s] = x
+                latents.append(x)
+                del x
                 done += 1
                 report(progress, "encode", done, total)
             mean = self.model.conv1(torch.cat(latents, dim=2))[:, :Z_DIM]

@@ -348,8 +348,10 @@ class WanVAEModel(nn.Module):
 # Peak bytes of live activations, caches included, per video pixel of one frame and per byte of the dtype,
 # for the released width (dim 96), batch 1. Measured by tracking every tensor allocation of a decode
 # (one latent frame -> 4 video frames) / an encode (4-frame chunks) on the meta device: 4300 / 3750,
-# the same within 1% from 64x64 to 1280x720. x1.4 margin for conv workspaces and allocator fragmentation.
-ACTIVATION_BYTES_PER_PIXEL = {"decode": 4300 * 1.4, "encode": 3750 * 1.4}
+# the same within 1% from 64x64 to 1280x720. The encode adds 240 for the repeated segment outputs it may hold
+# (image-to-video): 192 channels x 4 frames at 1/4 of the pixels, and 384 x 2 at 1/16. x1.4 margin for conv
+# workspaces and allocator fragmentation.
+ACTIVATION_BYTES_PER_PIXEL = {"decode": 4300 * 1.4, "encode": (3750 + 240) * 1.4}
 
 
 def _tile_overlap(tile: int) -> int:

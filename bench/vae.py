@@ -1,21 +1,21 @@
 """Wan2.1 VAE speed at full width (random weights) on one GPU: encode 81 frames, decode 21 latent frames.
 
-    python bench/vae.py [--res 720p 480p] [--profile]
+    python bench/vae.py [--res 720p 480p] [--profile] [--all-variants]
     python bench/vae.py --i2v [--res 720p 480p] [--device cpu --size 128x128]
 
 --i2v: the image-to-video encode (the image, then black frames) with the encoder's repeating segments computed
 once (the library's path) against every chunk through every segment; checks the latents are equal.
 
 Variants (same weights, same inputs; outputs compared against the first variant):
-  ncdhw                 activations in PyTorch's default NCDHW layout, eager norms (the code before channels-last)
-  channels_last eager   NDHWC activations, RMSNorm + SiLU as eager PyTorch ops
-  channels_last         the library's CUDA path: NDHWC and the fused Triton RMSNorm + SiLU
-  + cudnn.benchmark     the same with cuDNN's per-shape autotuning on (one untimed full-size call tunes first;
-                        issue 11: the 96-channel 3D convolutions run at ~120 TFLOP/s with the default heuristics)
-  + taps as conv2d      each 3x3x3 causal convolution as one 2D convolution whose channels are the three
-                        frames' channels side by side (`conv3d_as_conv2d`): cuDNN picked Ampere (sm80) kernels
-                        for our 3D convolutions but Hopper (sm90) ones for the 2D convolutions of the same VAE
-                        (`--profile`); costs a copy of the input three frames wide
+  ncdhw                      activations in PyTorch's default NCDHW layout, eager norms, cuDNN convolutions
+  channels_last eager        NDHWC activations, RMSNorm + SiLU as eager PyTorch ops, cuDNN convolutions
+  channels_last cuDNN conv   NDHWC and the fused Triton RMSNorm + SiLU, cuDNN convolutions (the path until 2026-11-29)
+  channels_last Triton conv  the library's CUDA path: the causal convolutions as the Triton implicit GEMM
+                             (`kernels.conv3d_triton`; bias and residual sum in its epilogue)
+With --all-variants, two measured and dropped (cuDNN convolutions):
+  + cudnn.benchmark          cuDNN's per-shape autotuning on (one untimed full-size call tunes first)
+  + taps as conv2d           each 3x3x3 causal convolution as one 2D convolution whose channels are the three
+                             frames' channels side by side (`conv3d_as_conv2d`); costs a copy three frames wide
 Prints a table (median of --repeat runs, peak allocated GB) and, with --profile, the PyTorch ops that take the
 most GPU time in one decode (grouped by input shape).
 """
@@ -109,6 +109,7 @@ def main():
     ap.add_argument("--res", nargs="+", default=["720p", "480p"])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--all-variants", action="store_true", help="also cudnn.benchmark and taps as conv2d (dropped)")
     ap.add_argument("--i2v", action="store_true", help="time the image-to-video encode, repeats once vs every chunk")
     ap.add_argument("--device", default="cuda", help="with --i2v: cuda (default) or cpu")
     ap.add_argument("--size", help="with --i2v: WxH instead of --res (e.g. 128x128 on a CPU)")
@@ -138,13 +139,17 @@ def main():
     vae = random_vae(dev)
     original_layout, original_dispatch = V.preferred_layout, V.vae_norm_dispatch
     original_conv = V.CausalConv3d.forward
+    original_conv_dispatch = V.conv3d_dispatch
+    cudnn_conv = dict(conv_dispatch=lambda: None)
     variants = {
-        "ncdhw": dict(layout=lambda d: torch.contiguous_format, dispatch=original_dispatch),
-        "channels_last eager": dict(layout=original_layout, dispatch=lambda: None),
-        "channels_last": dict(layout=original_layout, dispatch=original_dispatch),
-        "+ cudnn.benchmark": dict(layout=original_layout, dispatch=original_dispatch, benchmark=True),
-        "+ taps as conv2d": dict(layout=original_layout, dispatch=original_dispatch, conv=conv3d_as_conv2d),
+        "ncdhw": dict(layout=lambda d: torch.contiguous_format, dispatch=original_dispatch, **cudnn_conv),
+        "channels_last eager": dict(layout=original_layout, dispatch=lambda: None, **cudnn_conv),
+        "channels_last cuDNN conv": dict(layout=original_layout, dispatch=original_dispatch, **cudnn_conv),
+        "channels_last Triton conv": dict(layout=original_layout, dispatch=original_dispatch),
     }
+    if args.all_variants:
+        variants["+ cudnn.benchmark"] = dict(layout=original_layout, dispatch=original_dispatch, benchmark=True, **cudnn_conv)
+        variants["+ taps as conv2d"] = dict(layout=original_layout, dispatch=original_dispatch, conv=conv3d_as_conv2d, **cudnn_conv)
     rows = []
     for res in args.res:
         w, h = SIZES[res]
@@ -155,6 +160,7 @@ def main():
         for name, v in variants.items():
             V.preferred_layout, V.vae_norm_dispatch = v["layout"], v["dispatch"]
             V.CausalConv3d.forward = v.get("conv", original_conv)
+            V.conv3d_dispatch = v.get("conv_dispatch", original_conv_dispatch)
             vae.decode(latents[:, :, :2, :16, :16])  # warm-up (kernels, autotune, compile) on a small input
             vae.encode(video[:, :, :5, :128, :128])
             torch.backends.cudnn.benchmark = v.get("benchmark", False)
@@ -170,6 +176,7 @@ def main():
             del enc, dec
         V.preferred_layout, V.vae_norm_dispatch = original_layout, original_dispatch
         V.CausalConv3d.forward = original_conv
+        V.conv3d_dispatch = original_conv_dispatch
         torch.backends.cudnn.benchmark = False
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, "

@@ -72,6 +72,12 @@ def vae_norm_dispatch():
     return _load("vae_triton", "rms_norm_silu")
 
 
+def conv3d_dispatch():
+    """The VAE's causal convolution as an implicit GEMM ``f(stream, weight, bias, residual) -> y`` for channels-last
+    bf16/fp16 CUDA tensors (`conv3d_triton.causal_conv3d`), or None (cuDNN runs)."""
+    return _load("conv3d_triton", "causal_conv3d", fallback="cuDNN")
+
+
 def dit_dispatch(name: str):
     """One of the DiT block's row kernels in `turbowan.kernels.dit_triton` (``rms_norm_rope``, ``rms_norm_rows``,
     ``layer_norm_rows``, ``gated_residual_rows``), or None."""

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import ModelFileError, identify, read_state_dict, strip_prefixes
-from ..kernels import vae_norm_dispatch
+from ..kernels import conv3d_dispatch, vae_norm_dispatch
 from ..progress import ProgressHook, report
 
 SPATIAL_COMPRESSION = 8
@@ -80,7 +80,8 @@ class CausalConv3d(nn.Conv3d):
         self.past_frames = self.kernel_size[0] - 1
         self.space_pad = self.kernel_size[1] // 2
 
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """conv(x) (+ residual, added after the convolution: the residual block's sum)."""
         p, n = self.space_pad, self.past_frames
         past = cache.get(self)
         if past is None:
@@ -88,7 +89,19 @@ class CausalConv3d(nn.Conv3d):
             past = torch.empty(b, c, n, h, w, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)).zero_()
         stream = torch.cat([past, x], dim=2)  # [past frames | x]; keeps x's memory format
         cache[self] = stream[:, :, -n:].clone()  # the last n frames, for the next chunk
-        return F.conv3d(stream, self.weight, self.bias, padding=(0, p, p))
+        if _implicit_gemm_fits(stream):
+            fused = conv3d_dispatch()
+            if fused is not None:  # bias and residual in the kernel's epilogue, rounded once
+                return fused(stream, self.weight, self.bias, residual)
+        out = F.conv3d(stream, self.weight, self.bias, padding=(0, p, p))
+        return out if residual is None else out + residual
+
+
+def _implicit_gemm_fits(stream: torch.Tensor) -> bool:
+    """The Triton convolution (`kernels.conv3d_triton`) takes this input: channels-last 16-bit CUDA data with a
+    multiple of 16 channels and no autograd (the first encoder layer's 3 channels stay on cuDNN)."""
+    return (stream.is_cuda and stream.dtype in (torch.bfloat16, torch.float16) and stream.stride(1) == 1
+            and stream.shape[1] % 16 == 0 and not stream.requires_grad)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -159,7 +172,9 @@ class ResidualBlock(nn.Module):
         self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        return _run(self.residual, x, cache) + self.shortcut(x)
+        # The last convolution adds the shortcut itself (on CUDA inside the kernel: one pass less).
+        *branch, last = self.residual
+        return last(_run(branch, x, cache), cache, residual=self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):

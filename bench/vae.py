@@ -16,8 +16,9 @@ With --all-variants, two measured and dropped (cuDNN convolutions):
   + cudnn.benchmark          cuDNN's per-shape autotuning on (one untimed full-size call tunes first)
   + taps as conv2d           each 3x3x3 causal convolution as one 2D convolution whose channels are the three
                              frames' channels side by side (`conv3d_as_conv2d`); costs a copy three frames wide
-Prints a table (median of --repeat runs, peak allocated GB) and, with --profile, the PyTorch ops that take the
-most GPU time in one decode (grouped by input shape).
+Prints a table (median of --repeat runs, peak allocated GB). --profile instead profiles one decode of 5 latent
+frames at the first --res, with the library's convolutions and with cuDNN's: GPU time by kind of kernel, and the
+25 kernels that take the most.
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def main():
         return
     dev = torch.device("cuda")
     vae = random_vae(dev)
+    if args.profile:
+        profile_decode(vae, args.res[0], dev)
+        return
     original_layout, original_dispatch = V.preferred_layout, V.vae_norm_dispatch
     original_conv = V.CausalConv3d.forward
     original_conv_dispatch = V.conv3d_dispatch
@@ -186,17 +190,62 @@ def main():
     for res, name, es, eg, ds, dg, re_, rd in rows:
         print(f"| {res} | {name} | {es:.2f} | {eg:.1f} | {ds:.2f} | {dg:.1f} | {re_:.1e} / {rd:.1e} |")
 
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
 
-        w, h = SIZES[args.res[0]]
-        latents = torch.randn(1, 16, 6, h // 8, w // 8, device=dev)
-        vae.decode(latents)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+
+# Kernel name -> what it does, for --profile's summary (first match wins).
+KERNEL_KINDS = [
+    ("convolution (Triton implicit GEMM)", ("_causal_conv3d_kernel",)),
+    ("strided copy / elementwise", ("elementwise_kernel",)),
+    ("reduction", ("reduce_kernel",)),
+    ("convolution (cuDNN)", ("xmma", "implicit_gemm", "cutlass", "conv", "sm90_", "sm80_")),
+    ("layout conversion (cuDNN)", ("nchwToNhwc", "nhwcToNchw")),
+    ("RMSNorm + SiLU (Triton)", ("_rms_norm_silu",)),
+    ("cat", ("CatArrayBatchedCopy",)),
+    ("nearest upsample", ("upsample_nearest",)),
+    ("attention", ("fmha", "flash", "attention")),
+    ("memset", ("memset", "Memset")),
+]
+
+
+def profile_decode(vae, res: str, dev, latent_frames: int = 5) -> None:
+    """GPU time of one decode of `latent_frames` by kind of kernel, and the 25 kernels that take the most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    w, h = SIZES[res]
+    latents = torch.randn(1, 16, latent_frames, h // 8, w // 8, device=dev)
+    for label, conv_dispatch in (("library path", V.conv3d_dispatch), ("cuDNN convolutions", lambda: None)):
+        original, V.conv3d_dispatch = V.conv3d_dispatch, conv_dispatch
+        try:
             vae.decode(latents)
             torch.cuda.synchronize()
-        print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by="cuda_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=90))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                vae.decode(latents)
+                torch.cuda.synchronize()
+        finally:
+            V.conv3d_dispatch = original
+        _print_profile(prof, f"{res} decode of {latent_frames} latent frames, {label}")
+
+
+def _print_profile(prof, title: str) -> None:
+    from collections import defaultdict
+
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name][0] += e.time_range.elapsed_us() / 1e3  # a kernel's own duration, ms
+            per_kernel[e.name][1] += 1
+    total = sum(ms for ms, _ in per_kernel.values())
+    kinds = defaultdict(float)
+    for name, (ms, _) in per_kernel.items():
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        kinds[kind] += ms
+    print(f"\nGPU time of one {title}: {total:.1f} ms")
+    print("| kind | ms | share |\n|---|---|---|")
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {ms:.1f} | {ms / total:.0%} |")
+    print("| kernel | ms | calls |\n|---|---|---|")
+    for name, (ms, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"| {name[:110]} | {ms:.1f} | {calls} |")
 
 
 if __name__ == "__main__":

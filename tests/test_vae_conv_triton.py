@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fixtures_dir, gpu_module, kernel_module, rel_err
+from helpers import gpu_module, kernel_module, rel_err
 
 pytestmark = gpu_module(interpreter_ok=True)
 
@@ -108,19 +108,25 @@ def test_a_block_k_that_does_not_divide_the_channels_is_refused():
 
 
 @needs_cuda
-def test_on_cuda_the_vae_decodes_and_encodes_alike_with_the_kernel_and_with_cudnn(monkeypatch):
+def test_on_cuda_the_full_width_vae_with_the_kernel_is_as_close_to_float32_as_with_cudnn(monkeypatch):
+    """Random weights amplify rounding, so the yardstick is cuDNN's own bf16 error against a float32 run."""
     from turbowan.models import vae as V
 
-    vae = V.load_vae(fixtures_dir() / "vae" / "Wan2.1_VAE-tiny.pth", device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = V.WanVAEModel(V.VAEConfig())  # the released width: its 96-channel convolutions take the kernel
     g = torch.Generator().manual_seed(0)
-    video = (torch.rand(1, 3, 9, 64, 64, generator=g) * 2 - 1).to("cuda", torch.bfloat16)
-    calls = []
-    real = V.conv3d_dispatch()
+    video = (torch.rand(1, 3, 9, 64, 96, generator=g) * 2 - 1).cuda()
+    exact = V.WanVAE(model)
+    want_latents = exact.encode(video)
+    want_frames = exact.decode(want_latents)
+    vae = V.WanVAE(model.to(torch.bfloat16))
+    real, calls = V.conv3d_dispatch(), []
     assert real is not None, "the Triton convolution should load on a CUDA machine with Triton"
     monkeypatch.setattr(V, "conv3d_dispatch", lambda: lambda *a: calls.append(1) or real(*a))
-    latents = vae.encode(video)
-    frames = vae.decode(latents)
+    kernel = vae.encode(video), vae.decode(want_latents)
     assert calls, "no convolution went through the kernel"
     monkeypatch.setattr(V, "conv3d_dispatch", lambda: None)
-    assert rel_err(vae.encode(video).float(), latents.float()) < 2e-2
-    assert rel_err(vae.decode(latents).float(), frames.float()) < 2e-2
+    cudnn = vae.encode(video), vae.decode(want_latents)
+    for got, base, want in zip(kernel, cudnn, (want_latents, want_frames)):
+        assert rel_err(got.float(), want) <= 1.25 * rel_err(base.float(), want) + 1e-3

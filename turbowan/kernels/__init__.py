@@ -78,6 +78,18 @@ def conv3d_dispatch():
     return _load("conv3d_triton", "causal_conv3d", fallback="cuDNN")
 
 
+# (c_in, c_out, kernel) of the convolutions where the Triton implicit GEMM beat cuDNN on an H200 (bench/vae_conv.py,
+# 2026-11-29, bf16 channels-last, bias and residual included): the 96-channel full-resolution ones, 5.6 against
+# 7.7 ms a 720p chunk (cuDNN picks an Ampere kernel there). At 192 and 384 channels cuDNN's Hopper kernels run
+# at ~500 TFLOP/s and stay faster (3.6 against 4.1 ms, 1.7 against 1.9 ms).
+CONV3D_TRITON_SHAPES = {(96, 96, (3, 3, 3))}
+
+
+def conv3d_kernel(c_in: int, c_out: int, kernel: tuple[int, int, int]) -> str:
+    """Which runs a VAE causal convolution of these widths: "triton" (`conv3d_triton`) or "cudnn"."""
+    return "triton" if (c_in, c_out, tuple(kernel)) in CONV3D_TRITON_SHAPES else "cudnn"
+
+
 def dit_dispatch(name: str):
     """One of the DiT block's row kernels in `turbowan.kernels.dit_triton` (``rms_norm_rope``, ``rms_norm_rows``,
     ``layer_norm_rows``, ``gated_residual_rows``), or None."""

@@ -314,13 +314,14 @@ def test_bad_tile_spec_is_refused(vae_fp32):
 
 
 def test_channels_last_layout_gives_the_same_video(vae_fp32, decoded_fp32, io, monkeypatch):
-    # CUDA runs the VAE channels-last (NDHWC, fast cuDNN kernels); the layout must not change any value.
+    # CUDA runs the VAE channels-last (NDHWC, fast cuDNN kernels); the layout changes only the order of float32
+    # sums (the norms reduce over channels stored side by side instead of a plane apart).
     from turbowan.models import vae as vae_module
 
     latents = vae_fp32.encode(io["video_in"].float())
     monkeypatch.setattr(vae_module, "preferred_layout", lambda device: torch.channels_last_3d)
-    assert torch.equal(vae_fp32.decode(io["latent_in"].float()), decoded_fp32)
-    assert torch.equal(vae_fp32.encode(io["video_in"].float()), latents)
+    assert rel_err(vae_fp32.decode(io["latent_in"].float()), decoded_fp32) < 1e-5
+    assert rel_err(vae_fp32.encode(io["video_in"].float()), latents) < 1e-5
 
 
 def test_stream_runs_tile_the_vae_from_half_the_free_memory(vae_bf16, monkeypatch):
@@ -384,3 +385,24 @@ def test_on_cuda_the_reused_segments_give_the_latents_of_every_chunk(dtype, monk
     reused = vae.encode(video)
     _every_chunk(monkeypatch)
     assert torch.equal(reused, vae.encode(video))
+
+
+def test_where_the_device_prefers_channels_last_every_layer_gets_channels_last_activations(monkeypatch):
+    """One NCDHW activation (e.g. the attention's 2D output added first) sends every later layer down cuDNN's
+    conversions and the eager norms: a 720p decode ran 40% slower that way. bf16 on the CPU keeps channels-last
+    through convolutions, as CUDA does; the preferred layout is forced to what CUDA prefers."""
+    from turbowan.models import vae as V
+
+    monkeypatch.setattr(V, "preferred_layout", lambda device: torch.channels_last_3d)
+    torch.manual_seed(0)
+    vae = V.WanVAE(V.WanVAEModel(V.VAEConfig(dim=16)).to(torch.bfloat16))
+    inputs = []
+    layers = (V.CausalConv3d, V.ResidualBlock, V.AttentionBlock, V.Upsample, V.Downsample)
+    for module in vae.model.modules():
+        if isinstance(module, layers):
+            module.register_forward_pre_hook(
+                lambda m, args: inputs.append((type(m).__name__, args[0].is_contiguous(memory_format=torch.channels_last_3d))))
+    latents = vae.encode(torch.rand(1, 3, 9, 32, 48) * 2 - 1)
+    vae.decode(latents)
+    assert len(inputs) > 100
+    assert [name for name, channels_last in inputs if not channels_last] == []

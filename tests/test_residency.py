@@ -186,3 +186,45 @@ def test_plain_cuda_and_its_index_name_the_same_residents(fake_gpu, monkeypatch)
     assert resident_models("cuda") == resident_models("cuda:0") == [high, low]
     release_all("cuda")
     assert resident_models() == []
+
+
+def _dit_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 8, 8, generator=g)
+    y = torch.randn(1, 20, 3, 8, 8, generator=g)
+    ctx = torch.randn(1, 512, 4096, generator=g) * 0.1
+    return x, torch.tensor([900.0]), ctx, y
+
+
+def _on_host(block, host_ptrs) -> bool:
+    return all(p.data_ptr() in host_ptrs for p in block.parameters())
+
+
+def test_a_loaded_expert_attaches_each_block_when_its_first_forward_reaches_it(fake_gpu):
+    high, _ = _experts()
+    args = _dit_inputs()
+    expected = high(*args)
+    host = {p.data_ptr() for p in high.parameters()}
+    place = Placement(CUDA)
+    place.load_expert(high, "resident")
+    assert not any(p.data_ptr() in host for p in high.patch_embedding.parameters())  # small parts: attached now
+    assert all(_on_host(b, host) for b in high.blocks)  # blocks: still being copied, not waited for
+    reached = []
+    high.blocks[1].register_forward_pre_hook(lambda m, a: reached.append([_on_host(b, host) for b in high.blocks]))
+    assert torch.equal(high(*args), expected)
+    assert reached == [[False, False, True]]  # block 1 runs on its device copy; block 2 not attached yet
+    assert not any(_on_host(b, host) for b in high.blocks)
+    place.finish(True)
+    assert torch.equal(high(*args), expected)
+
+
+def test_releasing_an_expert_before_its_blocks_were_reached_leaves_no_hooks(fake_gpu):
+    high, _ = _experts()
+    args = _dit_inputs()
+    expected = high(*args)
+    hooks = [len(b._forward_pre_hooks) for b in high.blocks]
+    place = Placement(CUDA)
+    place.load_expert(high, "resident")
+    place.finish(False)  # a failed run: released
+    assert [len(b._forward_pre_hooks) for b in high.blocks] == hooks
+    assert torch.equal(high(*args), expected)  # on its home copy again

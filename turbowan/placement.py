@@ -11,6 +11,10 @@ Execution modes (per run, on CUDA):
 Every host->GPU weight copy goes through the staging ring (`turbowan.staging`): a few pinned buffers filled
 by CPU threads from the memory-mapped or pageable home copy. No mode pins a whole expert.
 
+A whole upload (``resident``, ``swap``) copies the small parts, then the blocks in the order the forward runs them;
+the forward waits only for the block it reaches (`BlockAttacher`), so an expert's first step computes while its
+later blocks are still on their way.
+
 Residency: models put on a GPU stay there after a run (``keep_loaded``), so the next run with the same
 models moves nothing. They leave when a later load needs their memory (least recently used first), when
 `release` / `release_all` is called, or when a run fails. Weights are never copied back device->host:
@@ -125,6 +129,30 @@ class BlockStreamer:
         self.pending.clear()
 
 
+class BlockAttacher:
+    """Attaches each block of a whole upload when the forward first reaches it, so an expert's first step computes
+    while its later blocks are still being copied in (the one-off upload of ``resident`` / ``swap`` mode overlaps
+    the first step instead of preceding it). One-shot forward pre-hooks; gone once every block is attached."""
+
+    def __init__(self, blocks: nn.ModuleList, uploads: list[tuple[HostWeights, Upload]]):
+        self.pending = dict(enumerate(uploads))
+        self.hooks = [b.register_forward_pre_hook(lambda m, a, i=i: self.attach(i)) for i, b in enumerate(blocks)]
+
+    def attach(self, i: int) -> None:
+        part = self.pending.pop(i, None)
+        if part is not None:
+            hw, upload = part
+            hw.attach(upload.wait())
+        if not self.pending:
+            self.close()
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        self.pending.clear()  # the ring's record_stream keeps unfinished copies' memory safe
+
+
 # -- residency ------------------------------------------------------------------------------------------------
 
 
@@ -141,8 +169,11 @@ class Resident:
     parts: list = field(default_factory=list)  # HostWeights attached on the device
     pending: Optional[list] = None  # uploads not yet attached: (HostWeights, Upload)
     streamer: Optional[BlockStreamer] = None
+    attacher: Optional[BlockAttacher] = None  # a whole upload's blocks, attached as the first forward reaches them
 
     def finish_upload(self) -> None:
+        """Attach what must be on the device before the forward starts (the blocks of a whole upload attach as the
+        forward reaches them: `BlockAttacher`)."""
         if self.pending is not None:
             for hw, upload in self.pending:
                 hw.attach(upload.wait())
@@ -153,7 +184,7 @@ _residents: "OrderedDict[int, Resident]" = OrderedDict()  # least recently used 
 
 
 def _host_parts(model) -> dict[str, HostWeights]:
-    """The model's HostWeights per part ("all", or "small" for everything but the blocks), made once per model."""
+    """The model's HostWeights per part ("small": everything but the blocks; "blocks": one per block), made once per model."""
     parts = getattr(model, "_turbowan_host", None)
     if parts is None:
         parts = model._turbowan_host = {}
@@ -167,6 +198,8 @@ def _release(entry: Resident) -> None:
     entry.pending = None
     if entry.streamer is not None:
         entry.streamer.close()
+    if entry.attacher is not None:
+        entry.attacher.close()
     for hw in entry.parts:
         hw.detach()
 
@@ -285,23 +318,25 @@ class Placement:
             return
         model_ffn_chunk(model, self.ffn_chunk)
         parts = _host_parts(model)
+        if "small" not in parts:
+            parts["small"] = HostWeights(nn.ModuleList(m for n, m in model.named_children() if n != "blocks"))
+        small = parts["small"]
         if want == "stream":
-            if "small" not in parts:
-                parts["small"] = HostWeights(nn.ModuleList(m for n, m in model.named_children() if n != "blocks"))
-            small = parts["small"]
             nbytes = sum(t.numel() * t.element_size() for t in small.host)
             self._make_room(nbytes + (STREAM_PREFETCH_BLOCKS + 1) * tensor_bytes(model.blocks[0]))
             entry = Resident(model, self.device, "stream", model.device, nbytes, [small],
                              [(small, small.upload(self.device))], BlockStreamer(model.blocks, self.device))
             entry.streamer.warm()
         else:
-            if "all" not in parts:
-                parts["all"] = HostWeights(model)
-            whole = parts["all"]
+            # the small parts first, then the blocks in the order the forward runs them (the ring copies in order)
+            if "blocks" not in parts:
+                parts["blocks"] = [HostWeights(b) for b in model.blocks]
             nbytes = tensor_bytes(model)
             self._make_room(nbytes)
-            entry = Resident(model, self.device, "whole", model.device, nbytes, [whole],
-                             [(whole, whole.upload(self.device))])
+            blocks = [(hw, hw.upload(self.device)) for hw in [small, *parts["blocks"]]]
+            small_upload = blocks.pop(0)
+            entry = Resident(model, self.device, "whole", model.device, nbytes, [small, *parts["blocks"]],
+                             [small_upload], attacher=BlockAttacher(model.blocks, blocks))
         _residents[id(model)] = entry
 
     def load_expert(self, model, mode: str) -> None:

@@ -2,11 +2,12 @@
 
 On an H100/H200:
     python3 bench/attention.py --ref .ref --save /tmp/attention.json
-        runs the GPU tests of tests/test_sla.py, measures the card's bf16 matmul rate and copy bandwidth, then times
-        cuDNN / flash dense SDPA, the reference SparseLinearAttention module (imported from the folder that holds the
-        reference `SLA` package, when --ref is given), ours `sla` and ours `sagesla` at topk 0.1 / 0.15 / 0.2 for
-        720p (L = 75,600) and 480p (L = 32,760), B = 1, 40 heads x 128, bf16; checks block maps and outputs; prints a
-        table and saves every number as JSON.
+        runs the GPU tests of tests/test_sla.py and tests/test_sla_gluon_gpu.py, measures the card's bf16 matmul
+        rate and copy bandwidth, then times cuDNN / flash dense SDPA, the reference SparseLinearAttention module
+        (imported from the folder that holds the reference `SLA` package, when --ref is given), ours `sla` (the
+        Triton kernel, and on Hopper the Gluon one that `sla` runs there) and ours `sagesla` at topk 0.1 / 0.15 /
+        0.2 for 720p (L = 75,600) and 480p (L = 32,760), B = 1, 40 heads x 128, bf16; checks block maps and outputs;
+        prints a table and saves every number as JSON.
     python3 bench/attention.py --render /tmp/attention.json
         writes a saved run into the attention section of bench/RESULTS.md and merges its keys into bench/results.json.
 """
@@ -126,7 +127,7 @@ def tie_report(scores, lut_a, lut_b, count):
 def run_bench(args) -> dict:
     import triton
 
-    from turbowan.kernels import sagesla_triton, sla_common, sla_triton
+    from turbowan.kernels import sagesla_triton, sla_common, sla_gluon, sla_triton
     from turbowan.ops.sla import sla_attention, sla_block_map, sla_block_scores
 
     props = torch.cuda.get_device_properties(0)
@@ -139,10 +140,13 @@ def run_bench(args) -> dict:
         "triton": triton.__version__,
         "sla_config": dict(sla_common.DEFAULT_CONFIG),
         "sagesla_pv_fp8_default": sagesla_triton.fp8_supported(),
+        # the Hopper kernel `sla` runs for these inputs (bf16, head dim 128, contiguous): timed beside the Triton one
+        "sla_gluon": torch.cuda.get_device_capability(0) == (9, 0) and sla_gluon.available(),
     }
     if not args.no_tests:
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-n", "4", str(REPO / "tests" / "test_sla.py")],
+            [sys.executable, "-m", "pytest", "-q", "-n", "4", str(REPO / "tests" / "test_sla.py"),
+             str(REPO / "tests" / "test_sla_gluon_gpu.py")],
             cwd=REPO, capture_output=True, text=True,
         )
         tail = proc.stdout.strip().splitlines()[-12:]
@@ -185,6 +189,16 @@ def run_bench(args) -> dict:
             ms = median_ms(lambda: sla_triton.sla_attention_triton(q, k, v, weight, bias, topk), reps=args.reps)
             rows.append({**entry, "method": "ours_sla", "ms": ms, "tflops": flops / ms / 1e9})
             print(rows[-1])
+            if result["sla_gluon"]:
+                try:
+                    gluon_out = sla_gluon.sla_attention_gluon(q, k, v, weight, bias, topk)
+                    ms = median_ms(lambda: sla_gluon.sla_attention_gluon(q, k, v, weight, bias, topk), reps=args.reps)
+                    rows.append({**entry, "method": "ours_sla_gluon", "ms": ms, "tflops": flops / ms / 1e9,
+                                 "rel_l2_vs_ours_sla": rel_l2(gluon_out, out)})
+                    del gluon_out
+                except Exception as err:  # noqa: BLE001 - reported, not fatal
+                    rows.append({**entry, "method": "ours_sla_gluon", "ms": None, "error": repr(err)[:300]})
+                print(rows[-1])
             checks = {}
             if topk == args.topk[0]:
                 checks["ours_vs_torch_path_rel_l2"] = rel_l2(out, sla_attention(q, k, v, weight, bias, topk))
@@ -306,6 +320,9 @@ def table(result: dict) -> str:
             if "lut_ref_vs_ours" in c:
                 ref = c["lut_ref_vs_ours"]
                 note += f"; LUT vs reference: {ref['rows_differ']}/{ref['rows']} rows differ (all bf16 ties: {ref['all_ties']})"
+        elif r["method"] == "ours_sla_gluon":
+            note = (r["error"][:80] if r.get("error")
+                    else f"rel L2 vs ours_sla (Triton) {_fmt(r['rel_l2_vs_ours_sla'], 4)}")
         elif r["method"].endswith("_spargeattn"):
             note = f"rel L2 vs fp32 SLA with {r['blocks_q_k'][0]}x{r['blocks_q_k'][1]} blocks {_fmt(r['rel_l2_vs_fp32'], 4)}"
         elif r["method"].startswith("ours_sagesla"):
@@ -323,10 +340,13 @@ def table(result: dict) -> str:
     lines += [
         "",
         "ours_sagesla: int8 q.k^T + bf16 P.V (the path on cards without fp8 tensor cores); ours_sagesla_fp8pv: int8 "
-        "q.k^T + fp8 P.V (the default on compute capability 8.9+). TFLOP/s count 4 * L * (blocks * 64) * D per head.",
+        "q.k^T + fp8 P.V (the default on compute capability 8.9+). ours_sla: the Triton kernel; ours_sla_gluon: the "
+        "warp-specialized Gluon kernel that `sla` runs on Hopper. TFLOP/s count 4 * L * (blocks * 64) * D per head.",
     ]
     by = {(r["shape"], r["method"], r["topk"]): r.get("ms") for r in result["rows"]}
-    sla_ms, ref_ms = by.get(("720p", "ours_sla", 0.1)), by.get(("720p", "ref_sla", 0.1))
+    # the kernel `sla` runs: the Gluon one where it was timed (Hopper), else the Triton one
+    sla_ms = by.get(("720p", "ours_sla_gluon", 0.1)) or by.get(("720p", "ours_sla", 0.1))
+    ref_ms = by.get(("720p", "ref_sla", 0.1))
     sage_ms = by.get(("720p", "ours_sagesla_fp8pv", 0.1))
     if sla_ms:
         line = f"Targets at 720p, topk 0.1: sla {sla_ms:.1f} ms against the 22 ms goal"
@@ -367,9 +387,11 @@ def render(path: str) -> None:
         return None
 
     sage_method = "ours_sagesla_fp8pv" if result.get("sagesla_pv_fp8_default") else "ours_sagesla"
-    headline = {
-        "sla_720p_topk0.1_ms": pick("720p", "ours_sla"),
-        "sla_480p_topk0.1_ms": pick("480p", "ours_sla"),
+    headline = {  # sla_*: the kernel `sla` runs (Gluon on Hopper); sla_triton_*: the Triton one
+        "sla_720p_topk0.1_ms": pick("720p", "ours_sla_gluon") or pick("720p", "ours_sla"),
+        "sla_480p_topk0.1_ms": pick("480p", "ours_sla_gluon") or pick("480p", "ours_sla"),
+        "sla_triton_720p_topk0.1_ms": pick("720p", "ours_sla"),
+        "sla_triton_480p_topk0.1_ms": pick("480p", "ours_sla"),
         "sagesla_720p_topk0.1_ms": pick("720p", sage_method),
         "ref_sla_720p_topk0.1_ms": pick("720p", "ref_sla"),
         "cudnn_dense_720p_ms": pick("720p", "cudnn_dense"),

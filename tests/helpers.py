@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import types
 from pathlib import Path
@@ -85,6 +86,20 @@ def kernel_module(name: str) -> types.ModuleType:
 def gpu(test):
     """Decorator for a GPU test in a CPU test module: marked `gpu`, skipped unless Triton and a CUDA GPU are here."""
     return pytest.mark.gpu(pytest.mark.skipif(not triton_runs_here(), reason=_triton_reason(False))(test))
+
+
+def sla_structured_inputs(batch, length, heads, dim, dtype, device, seed):
+    """Random q, k, v whose 64-token key blocks have distinct means, so the top-k choice has clear margins."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = [torch.randn(batch, length, heads, dim, generator=gen) for _ in range(3)]
+    key_means = torch.randn(batch, math.ceil(length / 64), heads, dim, generator=gen) * 2
+    query_means = torch.randn(batch, math.ceil(length / 128), heads, dim, generator=gen)
+    q = noise[0] * 0.5 + query_means.repeat_interleave(128, dim=1)[:, :length]
+    k = noise[1] * 0.5 + key_means.repeat_interleave(64, dim=1)[:, :length]
+    weight = torch.randn(dim, dim, generator=gen) / dim**0.5
+    bias = torch.randn(dim, generator=gen) * 0.1
+    to = dict(device=device, dtype=dtype)
+    return q.to(**to), k.to(**to), noise[2].to(**to), weight.to(device), bias.to(device)
 
 
 # -- videos ------------------------------------------------------------------------------------------------------

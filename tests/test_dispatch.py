@@ -5,13 +5,17 @@ import importlib.util
 import pytest
 import torch
 
-from turbowan.kernels import _load, int8_dispatch, sagesla_dispatch, sla_dispatch, w8a8_gemm_kernel
+from turbowan.kernels import (_load, int8_dispatch, sagesla_dispatch, sla_dispatch, sla_kernel, tma_row_matrix,
+                              w8a8_gemm_kernel)
 from turbowan.ops.attention import dense_attention, self_attention
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is not None, reason="Triton is installed here")
 def test_without_triton_every_kernel_reports_unavailable():
     assert sla_dispatch() is None and sagesla_dispatch() is None and int8_dispatch() is None
+    from turbowan.kernels import sla_gluon  # the Hopper SLA module imports, and says it cannot run
+
+    assert not sla_gluon.available()
 
 
 @pytest.mark.parametrize("capability,k,out_dtype,kernel", [
@@ -28,6 +32,77 @@ def test_without_triton_every_kernel_reports_unavailable():
 def test_w8a8_gemm_kernel_is_gluon_only_on_hopper_with_whole_k_blocks_and_half_output(capability, k, out_dtype,
                                                                                        kernel):
     assert w8a8_gemm_kernel(capability, k, out_dtype) == kernel
+
+
+@pytest.mark.parametrize("capability,dtype,head_dim,row_matrices,kernel", [
+    ((9, 0), torch.bfloat16, 128, True, "gluon"),  # Hopper, the model's attention: the warp-specialized kernel
+    ((9, 0), torch.float16, 128, True, "triton"),  # fp16 is computed in bf16: only the Triton kernel converts
+    ((9, 0), torch.float32, 128, True, "triton"),
+    ((9, 0), torch.bfloat16, 64, True, "triton"),  # the Gluon tiles are 128 wide
+    ((9, 0), torch.bfloat16, 128, False, "triton"),  # q, k or v not one [B*L, H*D] matrix for TMA
+    ((8, 0), torch.bfloat16, 128, True, "triton"),  # A100
+    ((8, 9), torch.bfloat16, 128, True, "triton"),  # RTX 40
+    ((10, 0), torch.bfloat16, 128, True, "triton"),  # Blackwell runs no sm_90a code
+    (None, torch.bfloat16, 128, True, "triton"),  # no CUDA device (Triton's interpreter)
+])
+def test_sla_kernel_is_gluon_only_on_hopper_for_bf16_head_dim_128_row_matrices(capability, dtype, head_dim,
+                                                                               row_matrices, kernel):
+    assert sla_kernel(capability, dtype, head_dim, row_matrices) == kernel
+
+
+def test_tma_row_matrix_takes_heads_side_by_side_and_batches_back_to_back():
+    x = torch.zeros(2, 10, 3, 128, dtype=torch.bfloat16)
+    assert tma_row_matrix(x) and tma_row_matrix(x[:1])
+    fused = torch.zeros(2, 10, 3, 3, 128, dtype=torch.bfloat16)
+    assert all(tma_row_matrix(fused[:, :, i]) for i in range(3))  # read as (B, L, q|k|v, H, D): a fused projection
+    assert not any(tma_row_matrix(fused[:, :, :, i]) for i in range(3))  # as (B, L, H, q|k|v, D): heads 3*D apart
+    assert not tma_row_matrix(x.transpose(0, 1).contiguous().transpose(0, 1))  # batch entries interleaved
+    assert tma_row_matrix(x.transpose(0, 1).contiguous().transpose(0, 1)[:1])  # ... harmless with one entry
+    assert not tma_row_matrix(torch.zeros(1, 10, 3, 128, 2, dtype=torch.bfloat16)[..., 0])  # D strided
+    assert not tma_row_matrix(torch.zeros(1 + 10 * 3 * 128, dtype=torch.bfloat16)[1:].view(1, 10, 3, 128))  # 2 B off
+
+
+def test_gluon_sla_refuses_what_it_cannot_run_before_any_gpu_work():
+    from turbowan.kernels.sla_gluon import sla_attention_gluon  # imports without Triton
+
+    q, k, v = (torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16) for _ in range(3))
+    w, b = torch.zeros(128, 128), torch.zeros(128)
+    with pytest.raises(ValueError, match="bf16 q, k, v with head dim 128"):
+        sla_attention_gluon(q.half(), k.half(), v.half(), w, b, 0.5)
+    with pytest.raises(ValueError, match="bf16 q, k, v with head dim 128"):
+        sla_attention_gluon(q[..., :64], k[..., :64], v[..., :64], w[:64, :64], b[:64], 0.5)
+    with pytest.raises(ValueError, match="runs on a compute capability 9.0 GPU"):
+        sla_attention_gluon(q, k, v, w, b, 0.5)
+
+
+@pytest.fixture
+def hopper_capability(monkeypatch):
+    """Tensors report compute capability 9.0; the kernel modules' load cache starts and ends empty."""
+    from turbowan import kernels
+    from turbowan.kernels import sla_triton
+
+    monkeypatch.setattr(sla_triton, "cuda_capability", lambda x: (9, 0))
+    monkeypatch.setattr(kernels, "cuda_capability", lambda x: (9, 0))
+    _load.cache_clear()
+    yield sla_triton
+    _load.cache_clear()
+
+
+def test_sla_on_hopper_runs_gluon_where_it_loads_else_triton_and_doctor_says_which(hopper_capability,
+                                                                                  monkeypatch):
+    from turbowan.doctor import sla_kernel_name
+
+    sla_triton = hopper_capability
+    q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
+    # here sla_gluon does not run (no CUDA device): the Triton kernel, and the doctor names it with the reason
+    assert sla_kernel_name(q, q, q) == ("sla, our Triton kernel (the Gluon one does not run here: sla_gluon "
+                                        "unavailable on this machine)")
+    assert sla_triton.attention_kernel(q, q, q) == "triton"
+    assert sla_kernel_name(q.half(), q.half(), q.half()) == "sla, our Triton kernel"  # not Gluon's to run
+    monkeypatch.setattr(sla_triton, "_gluon_sla", lambda: sla_triton.sla_attention_triton)  # as if it loaded
+    assert sla_triton.attention_kernel(q, q, q) == "gluon"
+    assert sla_triton.attention_kernel(q.half(), q.half(), q.half()) == "triton"
+    assert sla_kernel_name(q, q, q) == "sla, our Gluon kernel (Hopper, warp-specialized)"
 
 
 def test_a_kernel_module_that_does_not_load_gives_one_notice_naming_the_fallback(caplog):

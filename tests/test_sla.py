@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import gpu, max_abs, rel_err
+from helpers import gpu, max_abs, rel_err, sla_structured_inputs
 from turbowan.ops.sla import sla_attention, sla_block_map, sla_block_scores
 
 BF16_ULP_AT_QUARTER = 2.0**-9  # spacing of bf16 values in [0.25, 0.5), where the fixture outputs peak (max |out| 0.34)
@@ -149,20 +149,6 @@ def test_bf16_path_stays_close_to_fp32_path():
 # comparisons only mean something on a GPU (23 pass on an H200: bench/RESULTS.md).
 
 
-def _structured_inputs(batch, length, heads, dim, dtype, device, seed):
-    """Random q, k, v whose 64-token key blocks have distinct means, so the top-k choice has clear margins."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = [torch.randn(batch, length, heads, dim, generator=gen) for _ in range(3)]
-    key_means = torch.randn(batch, math.ceil(length / 64), heads, dim, generator=gen) * 2
-    query_means = torch.randn(batch, math.ceil(length / 128), heads, dim, generator=gen)
-    q = noise[0] * 0.5 + query_means.repeat_interleave(128, dim=1)[:, :length]
-    k = noise[1] * 0.5 + key_means.repeat_interleave(64, dim=1)[:, :length]
-    weight = torch.randn(dim, dim, generator=gen) / dim**0.5
-    bias = torch.randn(dim, generator=gen) * 0.1
-    to = dict(device=device, dtype=dtype)
-    return q.to(**to), k.to(**to), noise[2].to(**to), weight.to(device), bias.to(device)
-
-
 GPU_CASES = [  # (batch, length, heads, dim, topk): awkward lengths; 1 block, an odd count, all blocks
     (2, 1000, 3, 64, 0.07),
     (2, 1000, 3, 64, 0.5),
@@ -177,7 +163,7 @@ def test_triton_block_map_equals_torch_path(case):
     from turbowan.kernels.sla_triton import sla_block_map_triton
 
     batch, length, heads, dim, topk = case
-    q, k, _, _, _ = _structured_inputs(batch, length, heads, dim, torch.bfloat16, "cuda", seed=1)
+    q, k, _, _, _ = sla_structured_inputs(batch, length, heads, dim, torch.bfloat16, "cuda", seed=1)
     lut, count = sla_block_map(q, k, topk)
     lut_triton, count_triton = sla_block_map_triton(q, k, topk)
     assert count_triton == count
@@ -191,7 +177,7 @@ def test_triton_matches_torch_path(case, dtype):
     from turbowan.kernels.sla_triton import sla_attention_triton
 
     batch, length, heads, dim, topk = case
-    q, k, v, weight, bias = _structured_inputs(batch, length, heads, dim, dtype, "cuda", seed=2)
+    q, k, v, weight, bias = sla_structured_inputs(batch, length, heads, dim, dtype, "cuda", seed=2)
     expected = sla_attention(q, k, v, weight, bias, topk)
     out = sla_attention_triton(q, k, v, weight, bias, topk)
     assert out.shape == expected.shape and out.dtype == dtype
@@ -205,7 +191,7 @@ def test_triton_matches_torch_path(case, dtype):
 def test_triton_reads_strided_qkv_in_place():
     from turbowan.kernels.sla_triton import sla_attention_triton
 
-    q, k, v, weight, bias = _structured_inputs(1, 500, 2, 64, torch.bfloat16, "cuda", seed=3)
+    q, k, v, weight, bias = sla_structured_inputs(1, 500, 2, 64, torch.bfloat16, "cuda", seed=3)
     fused = torch.stack([q, k, v], dim=3)  # (B, L, H, 3, D): q, k, v are strided views of one buffer
     strided = sla_attention_triton(fused[:, :, :, 0], fused[:, :, :, 1], fused[:, :, :, 2], weight, bias, 0.5)
     assert torch.equal(strided, sla_attention_triton(q, k, v, weight, bias, 0.5))

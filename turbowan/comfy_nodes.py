@@ -133,7 +133,8 @@ class TurboWanModelLoader:
                                "or a TurboWan2.1-T2V model for the T2V sampler."}),
                 "attention_type": (list(ATTENTION_KINDS), {
                     "default": "sla",
-                    "tooltip": "sla: sparse-linear attention the models were distilled with (Triton kernel on CUDA). "
+                    "tooltip": "sla: sparse-linear attention the models were distilled with (our Triton kernel on "
+                               "CUDA, our Gluon kernel on H100/H200). "
                                "sagesla: SLA with int8 Q/K (Triton), falls back to sla where it cannot run. "
                                "original: dense attention, slower. sagesla_spargeattn: the reference's SageSLA "
                                "through SpargeAttn's CUDA kernels (install SpargeAttn; H100/H200)."}),

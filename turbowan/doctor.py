@@ -230,9 +230,27 @@ def check_sla(device: torch.device) -> list[Check]:
         if fn is None:
             checks.append(Check(name, None, f"{reason}; the PyTorch path runs instead"))
             continue
+        if getter is sla_dispatch:
+            name = sla_kernel_name(q, k, v)
         checks.append(try_kernel(name, fn, (q, k, v, w, b, SLA_TEST_TOPK), ref, tol, "the PyTorch sla"))
     checks.append(check_spargeattn())
     return checks
+
+
+def sla_kernel_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The check's name after the SLA kernel that runs these inputs (the test inputs are the model's: bf16, head dim
+    128); where the Gluon kernel should run but does not load, the Triton one is named with the reason."""
+    from .kernels import cuda_capability, sla_kernel, tma_row_matrix
+    from .kernels.sla_triton import attention_kernel  # importable: the dispatch loaded it
+
+    with _captured_notices() as notes:
+        kernel = attention_kernel(q, k, v)
+    if kernel == "gluon":
+        return "sla, our Gluon kernel (Hopper, warp-specialized)"
+    if sla_kernel(cuda_capability(q), q.dtype, q.shape[-1], all(map(tma_row_matrix, (q, k, v)))) == "gluon":
+        reason = notes[-1].replace("turbowan: ", "").split(";")[0] if notes else "it did not load"
+        return f"sla, our Triton kernel (the Gluon one does not run here: {reason})"
+    return "sla, our Triton kernel"
 
 
 def try_kernel(name: str, fn, args: tuple, ref: torch.Tensor, tol: float, against: str) -> Check:

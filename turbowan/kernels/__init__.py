@@ -1,5 +1,5 @@
-"""Optional GPU kernels (Triton; the Hopper W8A8 GEMM in Gluon, Triton's low-level dialect). Imported lazily: the
-package works without Triton or CUDA.
+"""Optional GPU kernels (Triton; for Hopper the W8A8 GEMM and the SLA forward in Gluon, Triton's low-level dialect).
+Imported lazily: the package works without Triton or CUDA.
 
 Each ``*_dispatch()`` returns the fast function, or ``None`` when it cannot run here; the first failure is
 reported once with a one-line notice and the caller falls back to the pure-PyTorch path.
@@ -58,8 +58,10 @@ def dequant_dispatch():
 
 
 def sla_dispatch():
-    """Triton SLA ``f(q, k, v, proj_l_weight, proj_l_bias, topk) -> out`` for CUDA tensors, or None."""
-    return _load("sla_triton", "sla_attention_triton")
+    """SLA ``f(q, k, v, proj_l_weight, proj_l_bias, topk) -> out`` for CUDA tensors, or None.
+
+    Which kernel it runs (Gluon on Hopper, else Triton) is `sla_kernel`'s choice (`sla_triton.sla_attention_cuda`)."""
+    return _load("sla_triton", "sla_attention_cuda")
 
 
 def sagesla_dispatch():
@@ -108,6 +110,30 @@ def int8_gemm_dispatch():
     return _load("int8_triton", "w8a8_gemm")
 
 
+# Gluon is experimental and its API moves between releases: the Triton minor version the Gluon kernels
+# (`int8_gluon`, `sla_gluon`) are written for; with another, their `available()` says no and Triton kernels run.
+GLUON_TRITON = (3, 6)
+
+
+def gluon_api_matches() -> bool:
+    """The installed Triton is the release the Gluon kernels are written for."""
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2]) == GLUON_TRITON
+
+
+def cuda_capability(x: torch.Tensor) -> tuple[int, int] | None:
+    """The compute capability of x's CUDA device, or None (a CPU tensor, or Triton's interpreter)."""
+    if not x.is_cuda or interpreting():
+        return None
+    return _device_capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def w8a8_gemm_kernel(capability: tuple[int, int] | None, k: int, out_dtype: torch.dtype) -> str:
     """The W8A8 GEMM for a device of this compute capability (None: not a CUDA device, e.g. Triton's interpreter):
     "gluon", the warp-specialized kernel of `int8_gluon`, or "triton", the kernel of `int8_triton`.
@@ -118,5 +144,27 @@ def w8a8_gemm_kernel(capability: tuple[int, int] | None, k: int, out_dtype: torc
     (`int8_triton.gemm_operands`), and with K a multiple of 128 so are the int8 row strides, as TMA requires.
     """
     if capability != (9, 0) or k % 128 or out_dtype not in (torch.bfloat16, torch.float16):
+        return "triton"
+    return "gluon"
+
+
+def tma_row_matrix(x: torch.Tensor) -> bool:
+    """x (B, L, H, D) can be read by TMA as one [B*L, H*D] row-major matrix: D contiguous, the heads side by side,
+    the batch entries back to back (or B = 1), and the base and row stride 16-byte aligned as TMA requires."""
+    b, length, h, d = x.shape
+    return (x.stride(3) == 1 and x.stride(2) == d and x.stride(1) >= h * d
+            and (b == 1 or x.stride(0) == length * x.stride(1))
+            and x.data_ptr() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0)
+
+
+def sla_kernel(capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int, row_matrices: bool) -> str:
+    """The SLA forward for inputs on a device of this compute capability (None: not a CUDA device): "gluon", the
+    warp-specialized kernel of `sla_gluon`, or "triton", the kernel of `sla_triton`.
+
+    Gluon needs compute capability 9.0 exactly (sm_90a code: wgmma, TMA, setmaxnreg), bf16 q, k, v (its tiles
+    and wgmma are bf16; fp16 inputs are computed in bf16, which only the Triton kernel converts), head dim 128
+    (its tile width) and q, k, v each a TMA row matrix (`tma_row_matrix`, passed as ``row_matrices``).
+    """
+    if capability != (9, 0) or dtype != torch.bfloat16 or head_dim != 128 or not row_matrices:
         return "triton"
     return "gluon"

@@ -35,6 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from . import GLUON_TRITON, gluon_api_matches  # noqa: F401  (GLUON_TRITON: read by the compile test)
 from .int8_triton import gemm_operands, tile_coords
 
 BM = gl.constexpr(128)
@@ -46,13 +47,12 @@ CHUNK = gl.constexpr(128)  # output columns per wgmma: one 128-row weight tile, 
 # CONSUMER_REGS: the registers requested by setmaxnreg for the second consumer, a worker partition (the loader asks
 # for 24; the default partition, the first consumer, gets what is left); maxnreg: the per-thread count at launch.
 GLUON_CONFIG = dict(STAGES=3, GROUP_M=8, PERSISTENT=True, CONSUMER_REGS=232, maxnreg=168)
-GLUON_TRITON = (3, 6)  # Gluon is experimental and its API moves between releases: the one this is written for
 
 
 def available() -> bool:
-    """This Triton's Gluon is the one the kernel is written for, and a CUDA device is present (the caller checks
-    that it is a Hopper card)."""
-    return tuple(int(p) for p in triton.__version__.split(".")[:2]) == GLUON_TRITON and torch.cuda.is_available()
+    """This Triton's Gluon is the one the kernel is written for (`GLUON_TRITON`), and a CUDA device is present (the
+    caller checks that it is a Hopper card)."""
+    return gluon_api_matches() and torch.cuda.is_available()
 
 
 @gluon.jit

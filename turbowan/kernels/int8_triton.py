@@ -32,7 +32,7 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import _load, interpreting, w8a8_gemm_kernel
+from . import _load, cuda_capability, w8a8_gemm_kernel
 
 TILE = 128
 
@@ -188,11 +188,6 @@ def gemm_operands(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return y, (_aligned(x_q), x_scale.float().contiguous(), _aligned(w_q), w_scale.float().contiguous(), bias)
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def gemm_kernel(x_q: torch.Tensor, out_dtype: torch.dtype, config: dict) -> str:
     """The W8A8 GEMM that `w8a8_gemm` runs for these operands: "gluon" (`int8_gluon`, Hopper) or "triton" (here).
 
@@ -202,10 +197,7 @@ def gemm_kernel(x_q: torch.Tensor, out_dtype: torch.dtype, config: dict) -> str:
     """
     if config:
         return "triton"
-    capability = None
-    if x_q.is_cuda and not interpreting():
-        capability = _capability(x_q.device.index if x_q.device.index is not None else torch.cuda.current_device())
-    if w8a8_gemm_kernel(capability, x_q.shape[1], out_dtype) == "gluon" and _gluon_gemm() is not None:
+    if w8a8_gemm_kernel(cuda_capability(x_q), x_q.shape[1], out_dtype) == "gluon" and _gluon_gemm() is not None:
         return "gluon"
     return "triton"
 

@@ -9,6 +9,11 @@
 q, k, v are read in place in their (B, L, H, D) layout (any strides with the head dim contiguous), so nothing is
 transposed or copied; out is a new contiguous (B, L, H, D) tensor.
 
+On Hopper (compute capability 9.0) `sla_attention_cuda` runs the warp-specialized kernel of `sla_gluon` instead for
+bf16 inputs with head dim 128 laid out as TMA reads them: the same block map, statistics and epilogue, the same
+output (bit for bit on an H200), 7-8% faster (`attention_kernel` decides; this kernel is what it is tested against,
+and what runs everywhere else).
+
 Triton is imported lazily: importing this module needs no Triton; `available()` says whether it can run.
 """
 
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import interpreting
+from . import _load, cuda_capability, interpreting, sla_kernel, tma_row_matrix
 from . import triton_runnable as available  # noqa: F401  (read by turbowan.kernels)
 from .sla_common import (DEFAULT_CONFIG, block_lut, check_kernel_shapes, head_contiguous, key_stats,
                          triton)
@@ -111,3 +116,29 @@ def sla_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
+
+
+def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The SLA kernel `sla_attention_cuda` runs for these inputs: "gluon" (`sla_gluon`, Hopper) or "triton" (here).
+
+    The rule is `turbowan.kernels.sla_kernel`'s; where it picks Gluon but `sla_gluon` does not load (a Triton without
+    Gluon, another Gluon API, a kernel that does not build for this card), the Triton kernel runs after a one-line
+    notice.
+    """
+    rows = all(x.dim() == 4 and tma_row_matrix(x) for x in (q, k, v))
+    if sla_kernel(cuda_capability(q), q.dtype, q.shape[-1], rows) == "gluon" and _gluon_sla() is not None:
+        return "gluon"
+    return "triton"
+
+
+def _gluon_sla():
+    return _load("sla_gluon", "sla_attention_gluon", fallback="the Triton SLA kernel")
+
+
+def sla_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l_weight: torch.Tensor,
+                       proj_l_bias: torch.Tensor, topk: float) -> torch.Tensor:
+    """SLA forward on CUDA, `sla_attention_triton`'s contract: on Hopper the warp-specialized kernel of `sla_gluon`
+    runs where it takes the inputs (same output; `attention_kernel` decides), elsewhere the Triton kernel here."""
+    if attention_kernel(q, k, v) == "gluon":
+        return _gluon_sla()(q, k, v, proj_l_weight, proj_l_bias, topk)
+    return sla_attention_triton(q, k, v, proj_l_weight, proj_l_bias, topk)

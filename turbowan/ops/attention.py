@@ -2,8 +2,10 @@
 
 Kinds (`turbowan.options.ATTENTION_KINDS`; the loader's ``attention``, the node's ``attention_type``):
   * ``"original"`` - dense scaled-dot-product attention (cuDNN / flash on GPU when available).
-  * ``"sla"``      - sparse-linear attention with the reference semantics (`turbowan.ops.sla`); on CUDA the
-                     Triton kernel runs it, elsewhere the pure-PyTorch implementation.
+  * ``"sla"``      - sparse-linear attention with the reference semantics (`turbowan.ops.sla`); on CUDA our
+                     kernel runs it (`sla_dispatch`: on Hopper, for bf16 with head dim 128, the warp-specialized
+                     Gluon kernel, else the Triton one; `turbowan.kernels.sla_kernel` decides), elsewhere the
+                     pure-PyTorch implementation.
   * ``"sagesla"``  - SLA with int8 Q/K (and fp8 P.V on cards that have it): our Triton kernel on CUDA with
                      bf16/fp16 inputs on compute capability 8.0+; otherwise a one-line notice and the ``"sla"``
                      path. (SpargeAttn is not needed.)

@@ -132,3 +132,18 @@ def test_caller_may_reuse_its_buffer_after_write(tmp_path, monkeypatch):
     go.set()
     assert np.abs(decode(writer.close()).astype(int) - frames).mean() < 3  # coding error only, no black frames
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_chunks_copied_without_waiting_give_the_video_of_the_host_frames(tmp_path):
+    import torch
+
+    frames = gradient_frames(h=96, w=128)
+    whole = decode(write_video(frames, tmp_path / "host.mp4"))
+    on_gpu = torch.from_numpy(frames).cuda().float() / 255.0  # float, rounded back to the same uint8 on the GPU
+    with VideoWriter(tmp_path / "cuda.mp4") as writer:
+        for chunk in (on_gpu[:1], on_gpu[1:5], on_gpu[5:]):
+            writer.write(chunk)
+            chunk.mul_(0)  # the caller reuses its buffer at once, in stream order after the queued copy
+    assert np.array_equal(decode(tmp_path / "cuda.mp4"), whole)

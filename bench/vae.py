@@ -10,8 +10,9 @@ Variants (same weights, same inputs; outputs compared against the first variant)
   ncdhw                      activations in PyTorch's default NCDHW layout, eager norms, cuDNN convolutions
   channels_last eager        NDHWC activations, RMSNorm + SiLU as eager PyTorch ops, cuDNN convolutions
   channels_last cuDNN conv   NDHWC and the fused Triton RMSNorm + SiLU, cuDNN convolutions (the path until 2026-11-29)
-  channels_last Triton conv  the library's CUDA path: the causal convolutions as the Triton implicit GEMM
-                             (`kernels.conv3d_triton`; bias and residual sum in its epilogue)
+  library                    the library's CUDA path: the 96-channel causal convolutions as the Triton implicit GEMM
+                             (`kernels.conv3d_triton`; bias and residual sum in its epilogue), the upsamples as
+                             four-phase 2x2 convolutions (`vae.upsample2x_conv3x3`)
 With --all-variants, two measured and dropped (cuDNN convolutions):
   + cudnn.benchmark          cuDNN's per-shape autotuning on (one untimed full-size call tunes first)
   + taps as conv2d           each 3x3x3 causal convolution as one 2D convolution whose channels are the three
@@ -111,6 +112,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--all-variants", action="store_true", help="also cudnn.benchmark and taps as conv2d (dropped)")
+    ap.add_argument("--variants", nargs="+", help="only these variants (names as in the table), e.g. ncdhw library")
     ap.add_argument("--i2v", action="store_true", help="time the image-to-video encode, repeats once vs every chunk")
     ap.add_argument("--device", default="cuda", help="with --i2v: cuda (default) or cpu")
     ap.add_argument("--size", help="with --i2v: WxH instead of --res (e.g. 128x128 on a CPU)")
@@ -149,11 +151,16 @@ def main():
         "ncdhw": dict(layout=lambda d: torch.contiguous_format, dispatch=original_dispatch, **cudnn_conv),
         "channels_last eager": dict(layout=original_layout, dispatch=lambda: None, **cudnn_conv),
         "channels_last cuDNN conv": dict(layout=original_layout, dispatch=original_dispatch, **cudnn_conv),
-        "channels_last Triton conv": dict(layout=original_layout, dispatch=original_dispatch),
+        "library": dict(layout=original_layout, dispatch=original_dispatch),
     }
     if args.all_variants:
         variants["+ cudnn.benchmark"] = dict(layout=original_layout, dispatch=original_dispatch, benchmark=True, **cudnn_conv)
         variants["+ taps as conv2d"] = dict(layout=original_layout, dispatch=original_dispatch, conv=conv3d_as_conv2d, **cudnn_conv)
+    if args.variants:
+        unknown = set(args.variants) - set(variants)
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.variants}
     rows = []
     for res in args.res:
         w, h = SIZES[res]

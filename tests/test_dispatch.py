@@ -92,9 +92,12 @@ def test_sla_on_hopper_runs_gluon_where_it_loads_else_triton_and_doctor_says_whi
                                                                                   monkeypatch):
     from turbowan.doctor import sla_kernel_name
 
+    from turbowan.kernels import sla_gluon
+
     sla_triton = hopper_capability
     q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
-    # here sla_gluon does not run (no CUDA device): the Triton kernel, and the doctor names it with the reason
+    # where sla_gluon does not run (here made so on any machine): the Triton kernel, and the doctor names the reason
+    monkeypatch.setattr(sla_gluon, "available", lambda: False)
     assert sla_kernel_name(q, q, q) == ("sla, our Triton kernel (the Gluon one does not run here: sla_gluon "
                                         "unavailable on this machine)")
     assert sla_triton.attention_kernel(q, q, q) == "triton"

@@ -169,3 +169,12 @@ def write_tiny_t2v(path, quant: bool = False, seed: int = 0) -> Path:
     else:
         torch.save(sd, path)
     return Path(path)
+
+
+def tiny_dit_inputs():
+    """(x, t, context, y) for a one-step forward of a tiny I2V DiT (16 + 20 channels, 3 frames of 8x8, t = 900)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 8, 8, generator=g)
+    y = torch.randn(1, 20, 3, 8, 8, generator=g)
+    ctx = torch.randn(1, 512, 4096, generator=g) * 0.1
+    return x, torch.tensor([900.0]), ctx, y

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import tiny_dit_inputs
 
 import turbowan
 from turbowan.checkpoint import DiTConfig
@@ -10,14 +11,6 @@ from turbowan.placement import BlockStreamer, HostWeights, Placement, choose_mod
 
 GB = 1 << 30
 TINY = DiTConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=3)
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 3, 8, 8, generator=g)
-    y = torch.randn(1, 20, 3, 8, 8, generator=g)
-    ctx = torch.randn(1, 512, 4096, generator=g) * 0.1
-    return x, torch.tensor([900.0]), ctx, y
 
 
 def test_auto_picks_resident_when_both_experts_fit():
@@ -72,7 +65,7 @@ def test_host_weights_round_trip_without_copying_back():
 
 def test_streamed_blocks_give_the_same_output():
     model = random_dit(TINY, attention="original")
-    args = _inputs()
+    args = tiny_dit_inputs()
     expected = model(*args)
     streamer = BlockStreamer(model.blocks, torch.device("cpu"))
     try:
@@ -84,7 +77,7 @@ def test_streamed_blocks_give_the_same_output():
 
 def test_chunked_ffn_gives_the_same_output():
     model = random_dit(TINY, attention="original", dtype=torch.float32)
-    args = _inputs()
+    args = tiny_dit_inputs()
     expected = model(*args)
     for block in model.blocks:
         block.ffn.chunk = 50  # 3 * 4 * 4 = 48 tokens per frame x 3 frames -> 4 chunks

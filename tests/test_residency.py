@@ -5,6 +5,7 @@ CUDA is simulated on the CPU (the ``fake_gpu`` fixture in conftest.py)."""
 
 import pytest
 import torch
+from helpers import tiny_dit_inputs
 
 from turbowan.checkpoint import DiTConfig
 from turbowan.models.dit import random_dit
@@ -188,21 +189,13 @@ def test_plain_cuda_and_its_index_name_the_same_residents(fake_gpu, monkeypatch)
     assert resident_models() == []
 
 
-def _dit_inputs():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 3, 8, 8, generator=g)
-    y = torch.randn(1, 20, 3, 8, 8, generator=g)
-    ctx = torch.randn(1, 512, 4096, generator=g) * 0.1
-    return x, torch.tensor([900.0]), ctx, y
-
-
 def _on_host(block, host_ptrs) -> bool:
     return all(p.data_ptr() in host_ptrs for p in block.parameters())
 
 
 def test_a_loaded_expert_attaches_each_block_when_its_first_forward_reaches_it(fake_gpu):
     high, _ = _experts()
-    args = _dit_inputs()
+    args = tiny_dit_inputs()
     expected = high(*args)
     host = {p.data_ptr() for p in high.parameters()}
     place = Placement(CUDA)
@@ -220,7 +213,7 @@ def test_a_loaded_expert_attaches_each_block_when_its_first_forward_reaches_it(f
 
 def test_releasing_an_expert_before_its_blocks_were_reached_leaves_no_hooks(fake_gpu):
     high, _ = _experts()
-    args = _dit_inputs()
+    args = tiny_dit_inputs()
     expected = high(*args)
     hooks = [len(b._forward_pre_hooks) for b in high.blocks]
     place = Placement(CUDA)

@@ -20,7 +20,8 @@ def test_every_part_runs_on_tiny_models_with_cpu_ranks_and_prints_the_table(tmp_
                           str(tmp_path), "--no-save"]) == 0
     out = capfd.readouterr().out
     for figure in ("sp2_step_720p_ratio", "sp2_a2a_share_720p", "sp2_next_video_720p_s", "sp2_vae_decode_720p_s",
-                   "sp2_frames_whole_vae_vs_1_max_720p", "cli_gpus2_vs_1_mean", "comfy_two_cards_vs_one_max"):
+                   "sp2_frames_whole_vae_vs_1_max_720p", "cli_gpus2_vs_1_mean", "cli_codec_floor_mean",
+                   "comfy_two_cards_vs_one_max"):
         assert f"| {figure} |" in out, figure
     # the DiT split alone changes no 8-bit value beyond rounding (float32 on the CPU)
     line = next(x for x in out.splitlines() if x.startswith("| sp2_frames_whole_vae_vs_1_max_720p |"))

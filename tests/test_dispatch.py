@@ -140,3 +140,13 @@ def test_unknown_attention_type_is_refused():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="unknown attention type"):
         self_attention(q, k, v, "flash3", None)
+
+
+def test_the_vae_convolution_runs_the_triton_kernel_only_where_it_measured_faster():
+    from turbowan.kernels import conv3d_kernel
+
+    assert conv3d_kernel((9, 0), 96, 96, (3, 3, 3)) == "triton"
+    assert conv3d_kernel((9, 0), 192, 192, (3, 3, 3)) == "cudnn"  # cuDNN's Hopper kernels win there
+    assert conv3d_kernel((9, 0), 96, 3, (3, 3, 3)) == "cudnn"
+    assert conv3d_kernel((8, 9), 96, 96, (3, 3, 3)) == "cudnn"  # measured on Hopper only
+    assert conv3d_kernel(None, 96, 96, (3, 3, 3)) == "cudnn"  # CPU

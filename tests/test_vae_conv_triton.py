@@ -125,7 +125,8 @@ def test_on_cuda_the_full_width_vae_with_the_kernel_is_as_close_to_float32_as_wi
     assert real is not None, "the Triton convolution should load on a CUDA machine with Triton"
     monkeypatch.setattr(V, "conv3d_dispatch", lambda: lambda *a: calls.append(1) or real(*a))
     kernel = vae.encode(video), vae.decode(want_latents)
-    assert calls, "no convolution went through the kernel"
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert bool(calls) == hopper, "the 96-channel convolutions take the kernel on Hopper, and only there"
     monkeypatch.setattr(V, "conv3d_dispatch", lambda: None)
     cudnn = vae.encode(video), vae.decode(want_latents)
     for got, base, want in zip(kernel, cudnn, (want_latents, want_frames)):

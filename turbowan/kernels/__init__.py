@@ -87,8 +87,12 @@ def conv3d_dispatch():
 CONV3D_TRITON_SHAPES = {(96, 96, (3, 3, 3))}
 
 
-def conv3d_kernel(c_in: int, c_out: int, kernel: tuple[int, int, int]) -> str:
-    """Which runs a VAE causal convolution of these widths: "triton" (`conv3d_triton`) or "cudnn"."""
+def conv3d_kernel(capability: tuple[int, int] | None, c_in: int, c_out: int, kernel: tuple[int, int, int]) -> str:
+    """Which runs a VAE causal convolution of these widths on a device of this compute capability: "triton"
+    (`conv3d_triton`) or "cudnn". Only where it was measured faster: Hopper (9.0), the shapes above. cuDNN picks other
+    kernels on other cards, and nothing says the Triton one wins there (nor that Turing's Triton lowers its bf16 dots)."""
+    if capability != (9, 0):
+        return "cudnn"
     return "triton" if (c_in, c_out, tuple(kernel)) in CONV3D_TRITON_SHAPES else "cudnn"
 
 

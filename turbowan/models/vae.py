@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import ModelFileError, identify, read_state_dict, strip_prefixes
-from ..kernels import conv3d_dispatch, conv3d_kernel, vae_norm_dispatch
+from ..kernels import conv3d_dispatch, conv3d_kernel, cuda_capability, vae_norm_dispatch
 from ..progress import ProgressHook, report
 
 SPATIAL_COMPRESSION = 8
@@ -89,7 +89,8 @@ class CausalConv3d(nn.Conv3d):
             past = torch.empty(b, c, n, h, w, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)).zero_()
         stream = torch.cat([past, x], dim=2)  # [past frames | x]; keeps x's memory format
         cache[self] = stream[:, :, -n:].clone()  # the last n frames, for the next chunk
-        if _implicit_gemm_fits(stream) and conv3d_kernel(self.in_channels, self.out_channels, self.kernel_size) == "triton":
+        kernel = conv3d_kernel(cuda_capability(stream), self.in_channels, self.out_channels, self.kernel_size)
+        if kernel == "triton" and _implicit_gemm_fits(stream):
             fused = conv3d_dispatch()
             if fused is not None:  # bias and residual in the kernel's epilogue, rounded once
                 return fused(stream, self.weight, self.bias, residual)

@@ -11,6 +11,8 @@ Figures (medians where a figure is repeated; written to bench/results.json and p
   stream_host_anon_gb       peak anonymous RSS during a 720p stream run
   stream_*_dropped_*        the same with the page cache dropped after loading (what a small host sees)
   budget{24,12}_720p_ratio  next video with the GPU limited to 24 / 12 GB (auto mode) over the unlimited one
+  first_process_encode_720p_*_s   (--parts first_encode, alone) a process's first I2V encode, the second, and one
+                            while both experts upload: one-off costs against upload contention
 """
 
 from __future__ import annotations
@@ -180,6 +182,37 @@ def one_video(high, low, vae, files, res, device, frames, out: Path) -> dict:
             "close_s": t_end - t_closing, "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if clock.cuda else 0}
 
 
+def first_encodes(files, res, device, frames) -> dict:
+    """Where a process's first VAE encode spends its extra time: the I2V encode timed as the first CUDA work of the
+    process, again, then once more while both experts' uploads run (as in a first video). Run it alone
+    (``--parts first_encode``) on files that exist already, so nothing else has used CUDA in the process."""
+    from turbowan.placement import Placement, release_all
+
+    w, h = SIZES[res]
+    vae = turbowan.load_vae(files["vae"], device="cpu", dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    place = Placement(device)
+    place.load_vae(vae)
+    video = torch.zeros(1, 3, frames, h, w)
+    video[:, :, 0] = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def encode() -> float:
+        t = time.perf_counter()
+        vae.encode(video.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    out = {"first": encode(), "second": encode()}
+    high, low = load_experts(files, device)
+    t = time.perf_counter()
+    for model in (high, low):
+        place.start_expert(model, "resident")
+    out["start_uploads"] = time.perf_counter() - t
+    out["during_uploads"] = encode()
+    release_all()
+    return out
+
+
 def load_experts(files, device):
     kw = dict(quant="w8a8", dtype=torch.bfloat16) if device.type == "cuda" else dict(quant="w8a16", dtype=torch.float32)
     return turbowan.load_dit(files["high"], **kw), turbowan.load_dit(files["low"], **kw)
@@ -233,6 +266,12 @@ def main():
         row("user_first_video_cold_cache_720p_s", cold, "the same on a new machine: kernels compiled on first use")
         t = [cli_video(files, "720p", folder / f"cli{i}.mp4", env) for i in range(args.repeats)]
         row("user_first_video_720p_s", median(t), f"turbowan generate 720p 81f, runs {', '.join(f'{x:.1f}' for x in t)}")
+
+    if "first_encode" in parts:
+        for name, seconds in first_encodes(files, "720p", device, frames).items():
+            row(f"first_process_encode_720p_{name}_s", seconds,
+                {"first": "the process's first CUDA work", "second": "the same encode again",
+                 "start_uploads": "queueing both experts' uploads", "during_uploads": "while they copy"}[name])
 
     if set(parts) & {"api", "stream", "budget", "rss"}:
         t = time.perf_counter()

@@ -220,7 +220,7 @@ def test_doctor_runs_here_and_reports_each_check(tiny, tmp_path, capsys):
     assert cli.main(["doctor", "--models-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for phrase in ("torch", "dense attention", "sla, our Triton kernel", "sagesla", "SpargeAttn", "int8 W8A16",
-                   "int8 W8A8", "memory per execution mode"):
+                   "int8 W8A8", "VAE RMSNorm + SiLU", "VAE 96-channel convolution", "memory per execution mode"):
         assert phrase in out
     assert out.count("[ok  ] high-noise expert (used)") == 1 and "[ok  ] Wan2.1 VAE (used)" in out
     assert "umT5-xxl text encoder: not found" in out

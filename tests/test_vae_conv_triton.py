@@ -131,3 +131,13 @@ def test_on_cuda_the_full_width_vae_with_the_kernel_is_as_close_to_float32_as_wi
     cudnn = vae.encode(video), vae.decode(want_latents)
     for got, base, want in zip(kernel, cudnn, (want_latents, want_frames)):
         assert rel_err(got.float(), want) <= 1.25 * rel_err(base.float(), want) + 1e-3
+
+
+@needs_cuda
+def test_on_cuda_the_doctor_finds_the_vae_kernels_working():
+    from turbowan.doctor import check_vae
+
+    checks = check_vae(torch.device("cuda"))
+    assert [c.ok for c in checks] == [True, True], [c.line() for c in checks]
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert ("Triton implicit GEMM" in checks[1].name) == hopper

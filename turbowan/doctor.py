@@ -321,6 +321,46 @@ def check_int8(device: torch.device) -> list[Check]:
     return checks
 
 
+def check_vae(device: torch.device) -> list[Check]:
+    """The VAE's CUDA kernels on tiny channels-last bf16 inputs: the fused RMSNorm + SiLU and the causal convolution
+    (the Triton implicit GEMM where `kernels.conv3d_kernel` picks it, else cuDNN, against float32)."""
+    from .kernels import conv3d_dispatch, conv3d_kernel, cuda_capability, vae_norm_dispatch
+
+    norm_name, conv_name = "VAE RMSNorm + SiLU, our Triton kernel", "VAE 96-channel convolution"
+    if device.type != "cuda":
+        return [Check(norm_name, None, "needs a CUDA GPU (here the PyTorch path runs instead)"),
+                Check(conv_name, None, "needs a CUDA GPU (here PyTorch's convolution runs)")]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 96, 3, 8, 12, generator=g)  # the full-resolution width; 3 frames = 1 + the 2 past ones
+    gamma = torch.rand(96, 1, 1, 1, generator=g) + 0.5
+    weight = torch.randn(96, 96, 3, 3, 3, generator=g) / math.sqrt(96 * 27)
+    bias = 0.1 * torch.randn(96, generator=g)
+    checks = []
+    fn, reason = _dispatch(vae_norm_dispatch)
+    if fn is None:
+        checks.append(Check(norm_name, None, f"{reason}; the PyTorch path runs instead"))
+    else:
+        want = F.silu(F.normalize(x, dim=1) * 96**0.5 * gamma)
+        xc = x.to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+        checks.append(try_kernel(norm_name, fn, (xc, gamma.to(device, torch.bfloat16), True), want.to(device), 1e-2,
+                                 "fp32 PyTorch"))
+    want = F.conv3d(x, weight, bias, padding=(0, 1, 1))
+    xc = x.to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    wc, bc = weight.to(device, torch.bfloat16), bias.to(device, torch.bfloat16)
+    if conv3d_kernel(cuda_capability(xc), 96, 96, (3, 3, 3)) == "triton":
+        fn, reason = _dispatch(conv3d_dispatch)
+        if fn is not None:
+            checks.append(try_kernel(f"{conv_name}, our Triton implicit GEMM (Hopper)", fn, (xc, wc, bc), want.to(device),
+                                     1e-2, "fp32 PyTorch"))
+            return checks
+        conv_name += f", cuDNN (the Triton kernel does not run here: {reason})"
+    else:
+        conv_name += ", cuDNN (our Triton kernel is measured faster on Hopper only)"
+    checks.append(try_kernel(conv_name, lambda a, b, c: F.conv3d(a, b, c, padding=(0, 1, 1)), (xc, wc, bc),
+                             want.to(device), 1e-2, "fp32 PyTorch"))
+    return checks
+
+
 # -- model files -------------------------------------------------------------------------------------------------
 
 def inspect_model_file(path: Path, slot_key: str) -> Check:
@@ -478,7 +518,7 @@ def run_doctor(models_dir=None, device=None) -> int:
               "  weights, seconds) and the test suite (`pytest tests`); the CPU checks below still run.")
 
     print(f"kernels (each run on a tiny input on {dev} and compared with the PyTorch path)")
-    for group in (check_dense_attention, check_sla, check_int8):
+    for group in (check_dense_attention, check_sla, check_int8, check_vae):
         try:
             results = group(dev)
         except Exception as exc:  # a broken install should be reported, not crash the doctor

@@ -106,9 +106,10 @@ def _implicit_gemm_fits(stream: torch.Tensor) -> bool:
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last_3d if x [B, C, T, H, W] is laid out that way (the CUDA layout), else contiguous."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
+    """channels-last if x [B, C, T, H, W] (or [N, C, H, W]) is laid out that way (the CUDA layout), else contiguous."""
+    channels_last = _channels_last(x)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
     return torch.contiguous_format
 
 
@@ -279,18 +280,18 @@ def upsample2x_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     x: [N, Ci, H, W] -> [N, Co, 2H, 2W] in x's memory layout."""
     n, _, h, w = x.shape
     weight = conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32))  # [Co, Ci, 3, 3], sums in >= fp32
-    phases = []
-    for rows in _PHASE_TAPS:
-        for cols in _PHASE_TAPS:
-            phases.append(torch.stack([torch.stack([weight[:, :, list(r)][:, :, :, list(c)].sum((2, 3)) for c in cols], -1)
-                                       for r in rows], -2))  # [Co, Ci, 2, 2]
+
+    def phase_kernel(rows, cols) -> torch.Tensor:  # [Co, Ci, 2, 2]: tap (i, j) sums the 3x3 taps rows[i] x cols[j]
+        return torch.stack([torch.stack([weight[:, :, list(r)][:, :, :, list(c)].sum((2, 3)) for c in cols], -1)
+                            for r in rows], -2)
+
     co = weight.shape[0]
+    phases = [phase_kernel(rows, cols) for rows in _PHASE_TAPS for cols in _PHASE_TAPS]
     fused = torch.stack(phases, 1).flatten(0, 1).to(x.dtype)  # [Co*4, Ci, 2, 2]: channel c*4 + 2*row + col
     bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
     # padding 1 with a 2x2 kernel: position (y, x) reads rows y-1, y and columns x-1, x of x, for y in 0..H
     grid = F.conv2d(x, fused, bias, padding=1).unflatten(1, (co, 4))  # [N, Co, 4, H+1, W+1]
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
-    out = torch.empty(n, co, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=layout)
+    out = torch.empty(n, co, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     for a in (0, 1):
         for b in (0, 1):  # phase (a, b) at low-res (i, j) is grid position (i + a, j + b)
             out[:, :, a::2, b::2] = grid[:, :, 2 * a + b, a : a + h, b : b + w]

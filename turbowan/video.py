@@ -75,6 +75,19 @@ def gif_colors(quality: int) -> int:
     return int(min(256, round(16 + 240 * quality / 8)))
 
 
+def _check_frames_shape(shape: tuple) -> None:
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3] (RGB), got shape {tuple(shape)}")
+    if shape[0] == 0 or shape[1] == 0 or shape[2] == 0:
+        raise ValueError(f"frames must hold at least one non-empty frame, got shape {tuple(shape)}")
+
+
+def _round_to_uint8(t):
+    """A float torch tensor in [0, 1] -> uint8 on its own device (float32 arithmetic, round to nearest, as 8-bit
+    image writers do; the numpy path below computes the same)."""
+    return (t.float().clamp(0.0, 1.0) * 255.0 + 0.5).byte()
+
+
 def _is_cuda_tensor(frames) -> bool:
     return hasattr(frames, "detach") and frames.is_cuda
 
@@ -86,12 +99,9 @@ def _uint8_on_host_async(frames) -> tuple:
     import torch
 
     t = frames.detach()
-    if t.ndim != 4 or t.shape[-1] != 3:
-        raise ValueError(f"frames must be [T, H, W, 3] (RGB), got shape {tuple(t.shape)}")
-    if t.shape[0] == 0 or t.shape[1] == 0 or t.shape[2] == 0:
-        raise ValueError(f"frames must hold at least one non-empty frame, got shape {tuple(t.shape)}")
+    _check_frames_shape(tuple(t.shape))
     if t.is_floating_point():
-        t = (t.float().clamp(0.0, 1.0) * 255.0 + 0.5).byte()
+        t = _round_to_uint8(t)
     elif t.dtype != torch.uint8:
         raise ValueError(f"frames must be float in [0, 1] or uint8, got dtype {t.dtype}")
     host = torch.empty(t.shape, dtype=torch.uint8, pin_memory=True)
@@ -108,15 +118,11 @@ def to_uint8_frames(frames, copy: bool = False) -> np.ndarray:
     if hasattr(frames, "detach"):  # torch tensor, possibly on a GPU or in bf16
         t = frames.detach()
         if t.is_floating_point():
-            # rounded on the tensor's own device (same float32 arithmetic as below): a GPU chunk then
-            # crosses the bus as uint8, a quarter of float32
-            t = (t.float().clamp(0.0, 1.0) * 255.0 + 0.5).byte()
+            # rounded on the tensor's own device: a GPU chunk then crosses the bus as uint8, a quarter of float32
+            t = _round_to_uint8(t)
         frames = t.cpu().numpy()
     arr = np.asarray(frames)
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"frames must be [T, H, W, 3] (RGB), got shape {tuple(arr.shape)}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
-        raise ValueError(f"frames must hold at least one non-empty frame, got shape {tuple(arr.shape)}")
+    _check_frames_shape(arr.shape)
     if arr.dtype == np.uint8:
         return arr.copy(order="C") if copy else np.ascontiguousarray(arr)
     if not np.issubdtype(arr.dtype, np.floating):

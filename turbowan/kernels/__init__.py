@@ -87,6 +87,23 @@ def conv3d_dispatch():
 CONV3D_TRITON_SHAPES = {(96, 96, (3, 3, 3))}
 
 
+def conv3d_fits(stream: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`conv3d_triton.causal_conv3d` can run this convolution (else F.conv3d runs): CUDA (or the interpreter), bf16 or
+    fp16 data and weight, a channels-last 5D stream with a multiple of 16 channels, odd spatial kernels, no autograd
+    (the kernel has no backward). Checked without importing Triton."""
+    return (
+        (stream.is_cuda or interpreting())
+        and stream.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == stream.dtype
+        and stream.ndim == 5
+        and stream.stride(1) == 1
+        and stream.shape[1] % 16 == 0
+        and weight.shape[3] % 2 == 1
+        and weight.shape[4] % 2 == 1
+        and not (stream.requires_grad or weight.requires_grad)
+    )
+
+
 def conv3d_kernel(capability: tuple[int, int] | None, c_in: int, c_out: int, kernel: tuple[int, int, int]) -> str:
     """Which runs a VAE causal convolution of these widths on a device of this compute capability: "triton"
     (`conv3d_triton`) or "cudnn". Only where it was measured faster: Hopper (9.0), the shapes above. cuDNN picks other

@@ -31,11 +31,8 @@ try:  # optional: the package imports and runs (on cuDNN / the CPU) without Trit
 except ImportError:
     triton = None
 
-from . import interpreting as _interpreting
+from . import conv3d_fits
 from . import triton_runnable as available  # read by turbowan.kernels
-
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-
 
 class TileConfig(NamedTuple):
     block_m: int  # output pixels per program
@@ -48,7 +45,7 @@ class TileConfig(NamedTuple):
 def default_config(c_in: int, c_out: int) -> TileConfig:
     """The tile for a convolution of these widths (chosen by `bench/vae_conv.py` on an H200)."""
     block_k = 64 if c_in % 64 == 0 else 32 if c_in % 32 == 0 else 16
-    block_n = 128 if c_out > 64 else max(16, triton.next_power_of_2(c_out)) if triton else 64
+    block_n = 128 if c_out > 64 else max(16, 1 << (c_out - 1).bit_length())  # a power of two covering c_out
     return TileConfig(128, block_n, block_k, 8 if block_k == 64 else 4, 3 if block_k == 64 else 4)
 
 
@@ -111,22 +108,6 @@ if triton is not None:
         tl.store(Y + out_offsets, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
-def supports(stream: torch.Tensor, weight: torch.Tensor) -> bool:
-    """This kernel can run the convolution (else use F.conv3d): CUDA (or the interpreter), a 16-bit dtype,
-    channels-last data, input channels a multiple of 16 and odd spatial kernels."""
-    return (
-        (stream.is_cuda or _interpreting())
-        and stream.dtype in SUPPORTED_DTYPES
-        and weight.dtype == stream.dtype
-        and stream.ndim == 5
-        and stream.stride(1) == 1
-        and stream.shape[1] % 16 == 0
-        and weight.shape[3] % 2 == 1
-        and weight.shape[4] % 2 == 1
-        and not (stream.requires_grad or weight.requires_grad)  # no backward
-    )
-
-
 def causal_conv3d(
     stream: torch.Tensor,
     weight: torch.Tensor,
@@ -142,7 +123,7 @@ def causal_conv3d(
     """
     if triton is None:
         raise RuntimeError("causal_conv3d needs Triton; use F.conv3d instead.")
-    if not supports(stream, weight):
+    if not conv3d_fits(stream, weight):
         raise ValueError(
             f"causal_conv3d takes a channels-last bf16/fp16 stream with Cin a multiple of 16 and an odd spatial "
             f"kernel of the same dtype, got stream {tuple(stream.shape)} {stream.dtype} strides {stream.stride()} "

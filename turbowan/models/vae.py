@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import ModelFileError, identify, read_state_dict, strip_prefixes
-from ..kernels import conv3d_dispatch, conv3d_kernel, cuda_capability, vae_norm_dispatch
+from ..kernels import conv3d_dispatch, conv3d_fits, conv3d_kernel, cuda_capability, vae_norm_dispatch
 from ..progress import ProgressHook, report
 
 SPATIAL_COMPRESSION = 8
@@ -90,19 +90,12 @@ class CausalConv3d(nn.Conv3d):
         stream = torch.cat([past, x], dim=2)  # [past frames | x]; keeps x's memory format
         cache[self] = stream[:, :, -n:].clone()  # the last n frames, for the next chunk
         kernel = conv3d_kernel(cuda_capability(stream), self.in_channels, self.out_channels, self.kernel_size)
-        if kernel == "triton" and _implicit_gemm_fits(stream):
+        if kernel == "triton" and conv3d_fits(stream, self.weight):
             fused = conv3d_dispatch()
             if fused is not None:  # bias and residual in the kernel's epilogue, rounded once
                 return fused(stream, self.weight, self.bias, residual)
         out = F.conv3d(stream, self.weight, self.bias, padding=(0, p, p))
         return out if residual is None else out + residual
-
-
-def _implicit_gemm_fits(stream: torch.Tensor) -> bool:
-    """The Triton convolution (`kernels.conv3d_triton`) takes this input: channels-last 16-bit CUDA data with a
-    multiple of 16 channels and no autograd. Whether it is faster than cuDNN for the layer is `conv3d_kernel`'s call."""
-    return (stream.is_cuda and stream.dtype in (torch.bfloat16, torch.float16) and stream.stride(1) == 1
-            and stream.shape[1] % 16 == 0 and not stream.requires_grad)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

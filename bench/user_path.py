@@ -222,17 +222,41 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+CLI_PARTS: list[dict] = []  # per CLI run: where the time outside the stages went
+
+
 def cli_video(files, res, out: Path, env=None) -> float:
+    """One ``turbowan generate`` from process start to exit. Also notes (in CLI_PARTS) the time before its first
+    stage line (imports, argument checks) and after its summary line (process exit), from the stderr timestamps."""
     w, h = SIZES[res]
     cmd = [sys.executable, "-m", "turbowan", "generate", "--image", str(files["image"]), "--text-embedding",
            str(files["text"]), "--high", str(files["high"]), "--low", str(files["low"]), "--vae", str(files["vae"]),
            "--width", str(w), "--height", str(h), "-o", str(out)]
+    lines: list[tuple[float, str]] = []
+
+    def read(stream):
+        for line in stream:
+            lines.append((time.perf_counter(), line.rstrip()))
+
     t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    readers = [threading.Thread(target=read, args=(s,)) for s in (proc.stdout, proc.stderr)]
+    for r in readers:
+        r.start()
+    code = proc.wait()
     elapsed = time.perf_counter() - t
-    print(r.stdout.strip() or r.stderr.strip()[-2000:], flush=True)
-    if r.returncode != 0 or not out.exists():
-        raise RuntimeError(f"turbowan generate failed ({r.returncode})")
+    for r in readers:
+        r.join()
+    wrote = [ts for ts, line in lines if line.startswith("wrote ")]
+    print(next((line for _, line in lines if line.startswith("wrote ")), "\n".join(l for _, l in lines)[-2000:]),
+          flush=True)
+    if code != 0 or not out.exists():
+        raise RuntimeError(f"turbowan generate failed ({code})")
+    stages = [ts for ts, line in lines if line.startswith("progress: ")]
+    if stages and wrote:
+        CLI_PARTS.append({"before_first_stage_s": stages[0] - t, "after_summary_s": t + elapsed - wrote[-1]})
+        print(f"  process start to first stage line {stages[0] - t:.2f} s, summary line to exit "
+              f"{t + elapsed - wrote[-1]:.2f} s", flush=True)
     return elapsed
 
 
@@ -266,6 +290,11 @@ def main():
         row("user_first_video_cold_cache_720p_s", cold, "the same on a new machine: kernels compiled on first use")
         t = [cli_video(files, "720p", folder / f"cli{i}.mp4", env) for i in range(args.repeats)]
         row("user_first_video_720p_s", median(t), f"turbowan generate 720p 81f, runs {', '.join(f'{x:.1f}' for x in t)}")
+        warm = CLI_PARTS[1:]
+        if warm:
+            row("cli_process_start_s", median([p["before_first_stage_s"] for p in warm]),
+                "process start to the first stage (imports, checks)")
+            row("cli_process_exit_s", median([p["after_summary_s"] for p in warm]), "summary line to process exit")
 
     if "first_encode" in parts:
         for name, seconds in first_encodes(files, "720p", device, frames).items():

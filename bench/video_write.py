@@ -74,7 +74,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255 ** 2 / np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)))
 
 
-def paced_tail(pixels: np.ndarray, dest: str, decode_s: float = 3.5) -> tuple[float, float]:
+def paced_tail(pixels: np.ndarray, dest: str, decode_s: float = 2.0) -> tuple[float, float]:
     """Feed chunks of 1, 4, 4, ... frames at the decode pace; return (seconds in write() calls, close() seconds)."""
     chunks = [pixels[:1]] + [pixels[i:i + 4] for i in range(1, len(pixels), 4)]
     pace = decode_s / len(chunks)
@@ -90,12 +90,38 @@ def paced_tail(pixels: np.ndarray, dest: str, decode_s: float = 3.5) -> tuple[fl
         return in_write, time.perf_counter() - start
 
 
+def tail_sweep(pixels: np.ndarray, source_yuv: np.ndarray, tmp: str, repeats: int = 3) -> None:
+    """VideoWriter's tail at the 720p decode pace (2.0 s) by x264 frame-thread count and rc-lookahead: frames
+    still queued in x264 (one per frame thread plus the lookahead) are what close() waits for."""
+    from turbowan import video
+
+    saved = video._X264_THREAD_COUNT, dict(video._X264_OPTIONS)
+    print("| threads | rc-lookahead | tail s (median of 3) | size KiB | PSNR RGB dB | PSNR YUV dB |")
+    print("|---|---|---|---|---|---|")
+    try:
+        for threads in (0, 8):
+            for lookahead in (None, 10):
+                video._X264_THREAD_COUNT = threads
+                video._X264_OPTIONS = {k: v for k, v in saved[1].items() if k != "rc-lookahead"}
+                if lookahead:
+                    video._X264_OPTIONS["rc-lookahead"] = str(lookahead)
+                dest = os.path.join(tmp, f"tail-{threads}-{lookahead}.mp4")
+                tails = sorted(paced_tail(pixels, dest)[1] for _ in range(repeats))
+                rgb, yuv = psnr(dest, pixels, source_yuv)
+                print(f"| {threads or 'auto'} | {lookahead or 'preset (20)'} | {tails[len(tails) // 2]:.2f} "
+                      f"| {os.path.getsize(dest) / 1024:.0f} | {rgb:.2f} | {yuv:.2f} |", flush=True)
+    finally:
+        video._X264_THREAD_COUNT, video._X264_OPTIONS = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--skip-settings", action="store_true", help="only the conversion and the writer")
+    parser.add_argument("--tail-sweep", action="store_true",
+                        help="only the writer's tail (close) by x264 thread count and lookahead, fed at the decode pace")
     args = parser.parse_args()
     pixels = make_clip(args.frames, args.height, args.width)
     start = time.perf_counter()
@@ -107,6 +133,9 @@ def main() -> None:
     crf = crf_for("mp4", 8)
     tmp = tempfile.mkdtemp()
     print(f"{args.frames} frames of {args.width}x{args.height}, nproc {os.cpu_count()}, PyAV {av.__version__}\n")
+    if args.tail_sweep:
+        tail_sweep(pixels, source_yuv, tmp)
+        return
 
     if not args.skip_settings:
         settings = [(p, "SLICE", crf) for p in ("medium", "fast", "faster", "veryfast")]
@@ -133,7 +162,7 @@ def main() -> None:
     print(f"write_video (all frames at once): {seconds:.2f} s, {os.path.getsize(dest) / 1024:.0f} KiB, "
           f"PSNR RGB {rgb:.2f} dB, YUV {yuv:.2f} dB")
     in_write, tail = paced_tail(pixels, dest)
-    print(f"VideoWriter fed 1+4+4... frames over 3.5 s: {in_write:.3f} s inside write(), tail (close) {tail:.2f} s")
+    print(f"VideoWriter fed 1+4+4... frames over 2.0 s: {in_write:.3f} s inside write(), tail (close) {tail:.2f} s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The `turbowan` command line: generate with the tiny fixture models, its errors and exit codes, Ctrl-C,
-`doctor` on this machine and `demo`. Runs in-process through `turbowan.cli.main` (one subprocess checks the
-real `python -m turbowan` exit path)."""
+`doctor` on this machine and `demo`. Runs in-process through `turbowan.cli.main` (two subprocesses check the
+real `python -m turbowan` exit paths)."""
 
 from __future__ import annotations
 
@@ -191,6 +191,18 @@ def test_python_dash_m_turbowan_error_is_one_line_without_traceback(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [run.stderr.strip()] and "use 77 or 81" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_python_dash_m_turbowan_exits_zero_after_a_complete_video_and_its_summary(tiny, tmp_path):
+    # the command skips the interpreter's teardown (os._exit): the video and the output must be complete first
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "clip.mp4"
+    run = subprocess.run([sys.executable, "-m", "turbowan"] + generate_args(tiny, out), env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith(f"wrote {out} (9 frames, 64x48") and run.stdout.endswith("\n")
+    assert decode(out).frames.shape == (9, 48, 64, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "prompt.safetensors"]
 
 
 def test_models_dir_finds_release_names_and_prefers_quant(tmp_path):

@@ -1,7 +1,5 @@
 """``python -m turbowan``: the same command line as the installed ``turbowan`` entry point."""
 
-import sys
+from .cli import run_command
 
-from .cli import main
-
-sys.exit(main())
+run_command()

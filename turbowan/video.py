@@ -45,8 +45,11 @@ _CRF_RANGE = {"mp4": (12, 40), "webm": (15, 55)}
 _CODEC = {"mp4": "libx264", "webm": "libvpx-vp9"}
 # libx264 speed at equal quality (bench/VIDEO_WRITE.md): "faster" at the same CRF gives the same size and
 # PSNR as the default "medium" in 0.6-0.7 of the time; frame threads scale past a few cores, slice threads don't
-_X264_PRESET = "faster"
+# rc-lookahead 10 (the preset's 20 otherwise): x264 holds back one frame per frame thread plus the lookahead, and
+# close() waits for those; 10 shortens that tail at the same size and PSNR (bench/VIDEO_WRITE.md, --tail-sweep)
+_X264_OPTIONS = {"preset": "faster", "rc-lookahead": "10"}
 _X264_THREADS = "FRAME"
+_X264_THREAD_COUNT = 0  # 0: x264 picks (1.5 x cores)
 
 
 def check_writable(path: Union[str, os.PathLike], option: str = "-o") -> None:
@@ -314,8 +317,9 @@ class _AvEncoder:
             self.stream.pix_fmt = "yuv420p"
             crf = crf_for(fmt, writer.quality)
             if fmt == "mp4":
-                self.stream.options = {"crf": str(crf), "preset": _X264_PRESET}
+                self.stream.options = {"crf": str(crf), **_X264_OPTIONS}
                 self.stream.codec_context.thread_type = _X264_THREADS
+                self.stream.codec_context.thread_count = _X264_THREAD_COUNT
             else:
                 self.stream.options = {"crf": str(crf)}
                 self.stream.bit_rate = 0  # libvpx: CRF alone sets the quality (constant-quality mode)

@@ -423,3 +423,20 @@ def test_upsample_then_3x3_convolution_equals_the_four_phase_2x2_convolution(lay
     assert got.shape == want.shape
     assert max_abs(got, want) < 1e-12
     assert got.is_contiguous(memory_format=layout)
+
+
+def test_four_phase_weights_are_made_once_and_follow_a_changed_weight():
+    import torch.nn.functional as F
+
+    from turbowan.models import vae as V
+
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1).double()
+    x = torch.randn(1, 4, 5, 6, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        first = V._phase_weights(conv, x.dtype)
+        assert V._phase_weights(conv, x.dtype)[0] is first[0]  # reused, not recomputed per chunk
+        conv.weight.mul_(-2.0)  # changed in place (a LoRA merge, a reload into the same tensor)
+        got = V.upsample2x_conv3x3(x, conv)
+        want = conv(F.interpolate(x, scale_factor=2.0, mode="nearest-exact"))
+    assert max_abs(got, want) < 1e-12

@@ -336,16 +336,15 @@ def check_vae(device: torch.device) -> list[Check]:
     weight = torch.randn(96, 96, 3, 3, 3, generator=g) / math.sqrt(96 * 27)
     bias = 0.1 * torch.randn(96, generator=g)
     checks = []
+    xc = x.to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
     fn, reason = _dispatch(vae_norm_dispatch)
     if fn is None:
         checks.append(Check(norm_name, None, f"{reason}; the PyTorch path runs instead"))
     else:
         want = F.silu(F.normalize(x, dim=1) * 96**0.5 * gamma)
-        xc = x.to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
         checks.append(try_kernel(norm_name, fn, (xc, gamma.to(device, torch.bfloat16), True), want.to(device), 1e-2,
                                  "fp32 PyTorch"))
     want = F.conv3d(x, weight, bias, padding=(0, 1, 1))
-    xc = x.to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
     wc, bc = weight.to(device, torch.bfloat16), bias.to(device, torch.bfloat16)
     if conv3d_kernel(cuda_capability(xc), 96, 96, (3, 3, 3)) == "triton":
         fn, reason = _dispatch(conv3d_dispatch)

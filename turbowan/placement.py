@@ -333,8 +333,8 @@ class Placement:
                 parts["blocks"] = [HostWeights(b) for b in model.blocks]
             nbytes = tensor_bytes(model)
             self._make_room(nbytes)
-            blocks = [(hw, hw.upload(self.device)) for hw in [small, *parts["blocks"]]]
-            small_upload = blocks.pop(0)
+            small_upload = (small, small.upload(self.device))
+            blocks = [(hw, hw.upload(self.device)) for hw in parts["blocks"]]
             entry = Resident(model, self.device, "whole", model.device, nbytes, [small, *parts["blocks"]],
                              [small_upload], attacher=BlockAttacher(model.blocks, blocks))
         _residents[id(model)] = entry

@@ -216,7 +216,10 @@ class VideoWriter:
             raise ValueError(f"this video writer is already {self._state}")
         self._raise_encoder_error()
         # a copy: the encoder reads it later, after the caller may have reused its buffer
-        pixels, ready = _uint8_on_host_async(frames) if _is_cuda_tensor(frames) else (to_uint8_frames(frames, copy=True), None)
+        if _is_cuda_tensor(frames):
+            pixels, ready = _uint8_on_host_async(frames)
+        else:
+            pixels, ready = to_uint8_frames(frames, copy=True), None
         size = tuple(pixels.shape[1:3])
         if self._size is None:
             self._start(size)

@@ -263,6 +263,28 @@ class Upsample(nn.Module):
 _PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
 
 
+def _phase_weights(conv: nn.Conv2d, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`upsample2x_conv3x3`'s 2x2 weights [Co*4, Ci, 2, 2] (channel c*4 + 2*row + col) and bias in ``dtype``, made
+    once per weight (kept on the module, remade when the weight is replaced, moved or changed in place) instead of
+    at every decoded chunk."""
+    key = (conv.weight.data_ptr(), conv.weight._version, conv.weight.device, dtype,
+           None if conv.bias is None else (conv.bias.data_ptr(), conv.bias._version))
+    cached = getattr(conv, "_turbowan_phase_weights", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    weight = conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32))  # [Co, Ci, 3, 3], sums in >= fp32
+
+    def phase_kernel(rows, cols) -> torch.Tensor:  # [Co, Ci, 2, 2]: tap (i, j) sums the 3x3 taps rows[i] x cols[j]
+        return torch.stack([torch.stack([weight[:, :, list(r)][:, :, :, list(c)].sum((2, 3)) for c in cols], -1)
+                            for r in rows], -2)
+
+    phases = [phase_kernel(rows, cols) for rows in _PHASE_TAPS for cols in _PHASE_TAPS]
+    fused = torch.stack(phases, 1).flatten(0, 1).to(dtype)
+    bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
+    conv._turbowan_phase_weights = (key, (fused, bias))
+    return fused, bias
+
+
 def upsample2x_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(nearest_upsample_2x(x)) for a 3x3 "same" convolution, without the upsampled image: each of the four
     output phases (row, column parity) is a 2x2 convolution of x whose taps sum the 3x3 taps that read the same
@@ -272,16 +294,8 @@ def upsample2x_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     x: [N, Ci, H, W] -> [N, Co, 2H, 2W] in x's memory layout."""
     n, _, h, w = x.shape
-    weight = conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32))  # [Co, Ci, 3, 3], sums in >= fp32
-
-    def phase_kernel(rows, cols) -> torch.Tensor:  # [Co, Ci, 2, 2]: tap (i, j) sums the 3x3 taps rows[i] x cols[j]
-        return torch.stack([torch.stack([weight[:, :, list(r)][:, :, :, list(c)].sum((2, 3)) for c in cols], -1)
-                            for r in rows], -2)
-
-    co = weight.shape[0]
-    phases = [phase_kernel(rows, cols) for rows in _PHASE_TAPS for cols in _PHASE_TAPS]
-    fused = torch.stack(phases, 1).flatten(0, 1).to(x.dtype)  # [Co*4, Ci, 2, 2]: channel c*4 + 2*row + col
-    bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
+    fused, bias = _phase_weights(conv, x.dtype)
+    co = conv.out_channels
     # padding 1 with a 2x2 kernel: position (y, x) reads rows y-1, y and columns x-1, x of x, for y in 0..H
     grid = F.conv2d(x, fused, bias, padding=1).unflatten(1, (co, 4))  # [N, Co, 4, H+1, W+1]
     out = torch.empty(n, co, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
